@@ -1,0 +1,230 @@
+"""The decoder-only transformer behind every ROUTE task: Qwen2/Qwen2.5 and Llama (2, 3, SmolLM2).
+
+One readable module in the spirit of gpt-fast: RMSNorm, rotary embeddings, grouped-query attention through
+`F.scaled_dot_product_attention` over an optional KV cache, and a SwiGLU MLP. Parameter names follow the
+Hugging Face checkpoints (`model.layers.0.self_attn.q_proj.weight`, ...) so that weights load by name, LoRA
+adapters get PEFT's key names for free, and a fine-tuned model saves back into the same format.
+
+The model is pure math: it knows nothing about prompts, padding policy or SQL. The caller (generate.py for
+inference, trainer.py for training) says where new tokens go in the cache and which cache slots they may see.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 has biases on q/k/v (not o); Llama has `attention_bias` on all four
+    o_bias: bool
+    mlp_bias: bool
+    rope_scaling: dict | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict; unknown families and missing fields are errors."""
+        mt = cfg.get("model_type")
+        if mt not in ("qwen2", "llama"):
+            raise ValueError(f"{source}: unsupported model_type {mt!r} (supported: 'qwen2', 'llama')")
+
+        def need(key):
+            if key not in cfg:
+                raise ValueError(f"{source}: missing field {key!r} for model_type {mt!r}")
+            return cfg[key]
+
+        n_heads, hidden = need("num_attention_heads"), need("hidden_size")
+        bias = bool(cfg.get("attention_bias", False))
+        # transformers<5 writes rope_theta + rope_scaling; transformers>=5 folds both into rope_parameters
+        scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"{source}: rope type {kind!r} is not supported (only 'default' and 'llama3')")
+        return cls(
+            model_type=mt,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=n_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            rms_norm_eps=need("rms_norm_eps"),
+            rope_theta=float(theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else bias,
+            o_bias=False if mt == "qwen2" else bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            rope_scaling=scaling if kind == "llama3" else None,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (as the reference implementations do), then scale in the weight's dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama-3's long-context rescaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling
+    if s:  # llama3: slow down low frequencies by `factor`, keep high ones, blend smoothly in between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen) - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor,
+                               torch.where(wavelen < old_len / hi, inv_freq, blended))
+    return inv_freq.float()
+
+
+def rotate(x, cos, sin):
+    # HF's "rotate half" convention: dimension i pairs with i + d/2 (not with i+1 as in the original paper).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """A static, preallocated cache: per layer, keys and values of shape (batch, kv_heads, slots, head_dim).
+
+    `valid[b, s]` says whether slot s of row b holds a real token. Rows may have holes (left padding, or the
+    gap between a shared prefix and a row's own suffix): attention masks them out, so any layout works as long
+    as each row's tokens sit in slot order.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, slots: int, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+
+    def keep_rows(self, rows: torch.Tensor):
+        """Drop finished rows so they stop costing compute (called rarely: it copies the cache)."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.valid = self.valid.index_select(0, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, kv_heads, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is not None:  # write the new tokens at slots [start, start+T), attend over [0, start+T)
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+        # GQA: each kv head serves n_heads/n_kv query heads; enable_gqa avoids materialising repeated keys.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The body (`model.*` in HF checkpoints): embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.checkpointing = False  # activation checkpointing, switched on by the trainer
+
+    def forward(self, tokens, positions=None, mask=None, cache: KVCache | None = None, start: int = 0,
+                logits_for: torch.Tensor | slice | None = None):
+        """tokens (B, T) -> logits (B, T', vocab).
+
+        positions (B, T): rotary positions; default 0..T-1 (training, and prompts without padding).
+        mask (B, 1, T, S) bool: which of the S = start+T cache slots each new token may attend to; None means
+            plain causal attention over these T tokens (training, or one unpadded prompt without a cache).
+        cache, start: write the new keys/values at cache slots [start, start+T).
+        logits_for: which positions get logits (e.g. slice(-1, None) in prefill: the lm_head over a 150k
+            vocabulary is the biggest matmul, so never compute it for positions nobody reads).
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, hd/2), in fp32 for long contexts
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
+        x = self.model.embed_tokens(tokens)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, block in enumerate(self.model.layers):
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, i, start,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i, start)
+        if logits_for is not None:
+            x = x[:, logits_for]
+        return self.lm_head(self.model.norm(x))

@@ -1,0 +1,84 @@
+"""The model and its loader against transformers on the same random weights."""
+import json
+
+import pytest
+import torch
+
+from route.model import KVCache
+from route.weights import load_model, save_model
+from tiny import VOCAB, write_tiny
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    ref = write_tiny(path, request.param)
+    return ref, load_model(path), path
+
+
+def test_logits_match_transformers(pair):
+    ref, ours, _ = pair
+    x = torch.randint(0, VOCAB, (2, 100))  # > 64 positions: exercises Llama-3 rope scaling too
+    with torch.no_grad():
+        assert (ref(x).logits - ours(x)).abs().max() <= 1e-4
+
+
+def test_sharded_checkpoint(tmp_path):
+    ref = write_tiny(tmp_path, "qwen2", max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    x = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():
+        assert (ref(x).logits - load_model(tmp_path)(x)).abs().max() <= 1e-4
+
+
+def test_kv_cache_decoding_equals_full_recompute(pair):
+    _, m, _ = pair
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        full = m(x)
+        cache = KVCache(m.config, 2, 24, torch.float32, "cpu")
+        steps = [m(x[:, :16], cache=cache)]  # prefill 16 tokens, then decode one at a time
+        for t in range(16, 24):
+            steps.append(m(x[:, t:t + 1], cache=cache, start=t, mask=torch.ones(2, 1, 1, t + 1, dtype=torch.bool)))
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
+def test_save_roundtrip_and_bf16(pair, tmp_path):
+    _, m, path = pair
+    cfg = json.loads((path / "config.json").read_text())
+    save_model(m, tmp_path / "out", cfg)
+    again = load_model(tmp_path / "out")
+    x = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(m(x), again(x))
+        half = load_model(path, dtype="bf16")
+        assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert (half(x).float() - m(x)).abs().max() < 0.1 * m(x).abs().max()  # bf16 through 2 layers of large random weights
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(tmp_path / "nope")
+    write_tiny(tmp_path / "m", "qwen2")
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+
+    bad = dict(cfg, model_type="gpt2")
+    (tmp_path / "m/config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        load_model(tmp_path / "m")
+
+    (tmp_path / "m/config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
+    with pytest.raises(ValueError, match="missing field 'hidden_size'"):
+        load_model(tmp_path / "m")
+
+    (tmp_path / "m/config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    with pytest.raises(KeyError, match="model.layers.2.input_layernorm.weight"):
+        load_model(tmp_path / "m")
+
+    (tmp_path / "m/config.json").write_text(json.dumps(dict(cfg, intermediate_size=96)))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape"):
+        load_model(tmp_path / "m")
+
+    (tmp_path / "m/config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    with pytest.raises(KeyError, match="unexpected tensor 'model.layers.1"):
+        load_model(tmp_path / "m")

@@ -1,0 +1,366 @@
+"""SQLite databases: the schema prompt and safe, read-only execution.
+
+ROUTE (Qin et al., ICLR 2025) shows the model a database as one `CREATE TABLE` per table followed by a few
+sample rows per table (the "/* Database schema */" and "/* Sample rows of each table */" blocks of all four
+task prompts, Sec. 3 and App. of the paper), prunes that schema to the tables and columns found by schema
+linking (the MCP chain, Sec. 3.3), and executes SQL twice: noise correction reads the pre-SQL's execution
+error, evaluation compares results (EX). Everything here reads the database itself (`PRAGMA table_info`,
+`foreign_key_list`) rather than a JSON description of it, so a user's own SQLite file works the same way.
+
+Nothing a model writes may change a database: connections are opened read-only (`mode=ro`), with
+`PRAGMA query_only`, an authorizer that allows reading only (no ATTACH, no PRAGMA, no writes), and a check
+that the statement is a query. A progress handler aborts a query when its wall-clock time is up, inside SQLite.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+DEFAULT_TIMEOUT = 30.0  # seconds per query
+MAX_ROWS = 100_000  # rows fetched per query
+MAX_BYTES = 64 << 20  # approximate size of a result, bytes
+SAMPLE_CHARS = 100  # ROUTE cuts long strings in sample rows at 100 characters
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # as declared in the database ("varchar(20)"); the prompt shows ROUTE's coarse type
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    columns: tuple[str, ...]
+    ref_table: str
+    ref_columns: tuple[str, ...]
+
+
+@dataclass
+class Table:
+    name: str
+    columns: list[Column]
+    primary_key: list[str] = field(default_factory=list)
+    foreign_keys: list[ForeignKey] = field(default_factory=list)
+
+    def column(self, name: str) -> Column | None:
+        """Look a column up the way SQLite does: case-insensitively."""
+        name = name.lower()
+        return next((c for c in self.columns if c.name.lower() == name), None)
+
+
+@dataclass
+class ExecResult:
+    rows: list[tuple]
+    columns: list[str]
+    error: str | None = None
+    truncated: bool = False  # a cap on rows or bytes stopped the fetch; rows holds what came before it
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# -- reading the schema ------------------------------------------------------------------------------------
+
+
+def _read_tables(conn: sqlite3.Connection) -> list[Table]:
+    names = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
+        "ORDER BY rowid")]  # creation order: deterministic, and the order the database's author chose
+    tables = []
+    for name in names:
+        info = conn.execute("SELECT name, type, pk FROM pragma_table_info(?)", (name,)).fetchall()
+        pk = [col for col, _, pos in sorted((r for r in info if r[2]), key=lambda r: r[2])]
+        tables.append(Table(name, [Column(r[0], r[1] or "") for r in info], pk))
+    by_name = {t.name.lower(): t for t in tables}
+    for t in tables:
+        # rows of a composite key share an id; `to` is NULL when the key points at the parent's primary key
+        groups: dict[int, list] = {}
+        for fk_id, _seq, ref, frm, to in conn.execute(
+                'SELECT id, seq, "table", "from", "to" FROM pragma_foreign_key_list(?) ORDER BY id, seq',
+                (t.name,)):
+            groups.setdefault(fk_id, []).append((ref, frm, to))
+        for parts in groups.values():
+            fk = _resolve_fk(t, by_name.get(parts[0][0].lower()), parts)
+            if fk is not None:
+                t.foreign_keys.append(fk)
+    return tables
+
+
+def _resolve_fk(table: Table, parent: Table | None, parts: list) -> ForeignKey | None:
+    """Spell a foreign key with the schema's own names; drop it if it points at nothing (a few Spider
+    databases declare keys to columns that do not exist: showing those would mislead the model)."""
+    if parent is None:
+        return None
+    targets = [to for _, _, to in parts]
+    if any(to is None for to in targets):
+        targets = parent.primary_key
+    if len(targets) != len(parts):
+        return None
+    cols = [table.column(frm) for _, frm, _ in parts]
+    refs = [parent.column(to) for to in targets]
+    if None in cols or None in refs:
+        return None
+    return ForeignKey(tuple(c.name for c in cols), parent.name, tuple(c.name for c in refs))
+
+
+# -- rendering the prompt ----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def quote(name: str) -> str:
+    """An identifier as SQLite accepts it: bare when it parses as a plain name, else double-quoted.
+    SQLite itself decides what is a keyword (`order` must be quoted, `year` need not)."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        probe = sqlite3.connect(":memory:")
+        try:
+            probe.execute(f'SELECT {name} FROM (SELECT 1 AS "{name}")').fetchall()
+            return name
+        except sqlite3.Error:
+            pass
+        finally:
+            probe.close()
+    return '"' + name.replace('"', '""') + '"'
+
+
+def coarse_type(declared: str) -> str:
+    """ROUTE's column types: TEXT, NUMBER, TIME, BOOLEAN or OTHERS (the official code's mapping)."""
+    t = declared.lower()
+    if "char" in t or t == "" or "text" in t or "var" in t:
+        return "TEXT"
+    if any(k in t for k in ("int", "numeric", "decimal", "number", "id", "real", "double", "float")):
+        return "NUMBER"
+    if any(k in t for k in ("date", "time", "year")):
+        return "TIME"
+    if "boolean" in t:
+        return "BOOLEAN"
+    return "OTHERS"
+
+
+def _cut(value):
+    if isinstance(value, str) and len(value) > SAMPLE_CHARS:
+        return value[:SAMPLE_CHARS] + "..."
+    if isinstance(value, bytes):  # a blob's repr can be megabytes; its size says enough
+        return f"<blob {len(value)} bytes>"
+    return value
+
+
+# -- execution ---------------------------------------------------------------------------------------------
+
+_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, 33}  # 33: SQLITE_RECURSIVE
+_QUERY_START = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*(?:select|with|values)\b", re.I | re.S)
+
+
+def _authorize(action, *_):
+    # Allow-list, not deny-list: ATTACH (which can create a file), PRAGMA (which could undo query_only),
+    # every write and every transaction statement are refused before SQLite runs them.
+    return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
+
+
+def _lenient_text(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def _size(row: tuple) -> int:
+    return sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row) + 16
+
+
+class Database:
+    """One SQLite file: its tables, its schema prompt, and a reused read-only connection."""
+
+    def __init__(self, path: str | Path, cache_size: int = 1024):
+        self.path = Path(path).resolve()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no SQLite database at {self.path}")
+        self.name = self.path.stem
+        self._conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                     check_same_thread=False)
+        try:
+            self._conn.execute("PRAGMA query_only = 1")
+            self.tables = _read_tables(self._conn)
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise ValueError(f"{self.path}: not a readable SQLite database ({e})") from e
+        self._conn.set_authorizer(_authorize)  # after our own PRAGMAs; from here on, reading only
+        self._lock = threading.Lock()
+        self._results: OrderedDict = OrderedDict()
+        self._cache_size = cache_size
+        self._samples: dict[int, dict[str, list[tuple]]] = {}
+        self._prompts: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Database({str(self.path)!r}, {len(self.tables)} tables)"
+
+    def table(self, name: str) -> Table | None:
+        name = name.lower()
+        return next((t for t in self.tables if t.name.lower() == name), None)
+
+    def close(self) -> None:
+        self._conn.close()
+        _OPEN.pop(str(self.path), None)
+
+    # -- execution --
+
+    def execute(self, sql: str, timeout: float = DEFAULT_TIMEOUT, max_rows: int = MAX_ROWS,
+                max_bytes: int = MAX_BYTES) -> ExecResult:
+        """Run one query; never raises. Errors (syntax, timeout, refused writes) come back as `error`."""
+        key = (sql, timeout, max_rows, max_bytes)
+        with self._lock:  # one connection, one query at a time
+            if key in self._results:
+                self._results.move_to_end(key)
+                return self._results[key]
+            result = self._execute(sql, timeout, max_rows, max_bytes)
+            # a timeout depends on the machine's load, and huge results would hold memory: keep neither
+            if not (result.error or "").startswith("timeout") and len(result.rows) <= 10_000:
+                self._results[key] = result
+                if len(self._results) > self._cache_size:
+                    self._results.popitem(last=False)
+            return result
+
+    def _execute(self, sql, timeout, max_rows, max_bytes) -> ExecResult:
+        start = time.monotonic()
+        if not isinstance(sql, str) or not sql.strip():
+            return ExecResult([], [], "empty SQL")
+        if not _QUERY_START.match(sql):
+            return ExecResult([], [], "only queries (SELECT / WITH / VALUES) may run")
+        deadline = start + timeout
+        self._conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+        try:
+            try:
+                rows, columns, truncated = self._fetch(sql, deadline, max_rows, max_bytes)
+            except sqlite3.OperationalError as e:
+                if "decode" not in str(e):
+                    raise
+                self._conn.text_factory = _lenient_text  # bad UTF-8 in the data: decode what can be
+                try:
+                    rows, columns, truncated = self._fetch(sql, deadline, max_rows, max_bytes)
+                finally:
+                    self._conn.text_factory = str
+        except Exception as e:  # noqa: BLE001 - anything a query does is reported, never raised
+            message = f"{type(e).__name__}: {e}"
+            if time.monotonic() > deadline or str(e) == "interrupted":
+                message = f"timeout: the query ran longer than {timeout:g} s"
+            return ExecResult([], [], message, seconds=time.monotonic() - start)
+        finally:
+            self._conn.set_progress_handler(None, 0)
+        return ExecResult(rows, columns, None, truncated, time.monotonic() - start)
+
+    def _fetch(self, sql, deadline, max_rows, max_bytes):
+        cursor = self._conn.execute(sql)
+        try:
+            if cursor.description is None:
+                raise sqlite3.ProgrammingError("not a query")
+            columns = [d[0] for d in cursor.description]
+            rows, size = [], 0
+            while batch := cursor.fetchmany(1024):
+                for row in batch:
+                    size += _size(row)
+                    if len(rows) >= max_rows or size > max_bytes:
+                        return rows, columns, True
+                    rows.append(row)
+                if time.monotonic() > deadline:  # time spent in Python between SQLite steps counts too
+                    raise sqlite3.OperationalError("interrupted")
+            return rows, columns, False
+        finally:
+            cursor.close()
+
+    # -- prompt --
+
+    def sample_rows(self, k: int = 3) -> dict[str, list[tuple]]:
+        """The first k rows of every table (in storage order, which is stable for a given file)."""
+        if k not in self._samples:
+            samples = {}
+            for t in self.tables:
+                cols = ", ".join(quote(c.name) for c in t.columns)
+                result = self.execute(f"SELECT {cols} FROM {quote(t.name)} LIMIT {int(k)}")
+                samples[t.name] = [tuple(_cut(v) for v in row) for row in result.rows]
+            self._samples[k] = samples
+        return self._samples[k]
+
+    def schema_prompt(self, keep: dict[str, set[str]] | None = None, sample_rows: int = 3) -> str:
+        """The database as ROUTE's prompts show it: the DDL block, then (if sample_rows > 0) k rows per table.
+
+        keep=None renders every table and column. keep={table: {columns}} renders only those (names matched
+        case-insensitively, unknown ones ignored), plus the key columns needed to join the kept tables.
+        The string depends only on (keep, sample_rows), never on a question: it is a reusable cache prefix.
+        """
+        cache_key = None if keep is None else tuple(sorted(
+            (t.lower(), tuple(sorted(c.lower() for c in cols))) for t, cols in keep.items()))
+        cache_key = (cache_key, sample_rows)
+        if cache_key not in self._prompts:
+            shown = self._shown_columns(keep)
+            text = "/* Database schema */\n" + self._ddl(shown)
+            if sample_rows > 0:
+                text += "\n\n/* Sample rows of each table */\n" + self._rows_text(shown, sample_rows)
+            self._prompts[cache_key] = text
+        return self._prompts[cache_key]
+
+    def _shown_columns(self, keep) -> dict[str, list[str]]:
+        """table name -> the column names to render, in schema order."""
+        if keep is None:
+            return {t.name: [c.name for c in t.columns] for t in self.tables}
+        wanted = {}
+        for name, cols in keep.items():
+            if (t := self.table(name)) is not None:
+                wanted.setdefault(t.name, set()).update(c.lower() for c in cols)
+        for t in self.tables:  # the join keys between kept tables
+            for fk in t.foreign_keys:
+                if t.name in wanted and fk.ref_table in wanted:
+                    wanted[t.name].update(c.lower() for c in fk.columns)
+                    wanted[fk.ref_table].update(c.lower() for c in fk.ref_columns)
+        shown = {}
+        for t in self.tables:
+            if t.name in wanted:
+                cols = [c.name for c in t.columns if c.name.lower() in wanted[t.name]]
+                # a table kept without columns (`SELECT count(*) FROM t`) still needs a body
+                shown[t.name] = cols or (t.primary_key or [t.columns[0].name] if t.columns else [])
+        return shown
+
+    def _ddl(self, shown: dict[str, list[str]]) -> str:
+        lines = []
+        for t in self.tables:
+            if t.name not in shown:
+                continue
+            cols = set(shown[t.name])
+            parts = [f"{quote(c.name)} {coarse_type(c.type)}" for c in t.columns if c.name in cols]
+            if t.primary_key and set(t.primary_key) <= cols:
+                parts.append(f"PRIMARY KEY({', '.join(map(quote, t.primary_key))})")
+            for fk in t.foreign_keys:
+                if fk.ref_table in shown and set(fk.columns) <= cols and set(fk.ref_columns) <= set(
+                        shown[fk.ref_table]):
+                    parts.append(f"FOREIGN KEY ({', '.join(map(quote, fk.columns))}) REFERENCES "
+                                 f"{quote(fk.ref_table)}({', '.join(map(quote, fk.ref_columns))})")
+            lines.append(f"CREATE TABLE {quote(t.name)} ({', '.join(parts)});")
+        return "\n".join(lines)
+
+    def _rows_text(self, shown: dict[str, list[str]], k: int) -> str:
+        samples = self.sample_rows(k)
+        lines = []
+        for t in self.tables:
+            if t.name not in shown:
+                continue
+            idx = [i for i, c in enumerate(t.columns) if c.name in set(shown[t.name])]
+            rows = [tuple(row[i] for i in idx) for row in samples[t.name]]
+            lines.append(f"{quote(t.name)}: {rows}")
+        return "\n".join(lines)
+
+
+_OPEN: dict[str, Database] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_database(path: str | Path) -> Database:
+    """The Database for a file, opened once per process and reused (its connection and caches too)."""
+    key = str(Path(path).resolve())
+    with _OPEN_LOCK:
+        if key not in _OPEN:
+            _OPEN[key] = Database(key)
+        return _OPEN[key]

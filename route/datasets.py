@@ -1,0 +1,145 @@
+"""Text-to-SQL datasets: Spider, BIRD, or one SQLite file of the user's, as a list of Examples.
+
+ROUTE (Qin et al., ICLR 2025) trains on Spider's and BIRD's training sets and evaluates on their dev sets
+(Sec. 4.1). Their layouts as downloaded:
+
+    Spider: dev.json, train_spider.json, train_others.json, test.json, tables.json,
+            database/<db>/<db>.sqlite (test_database/ for the test split)
+    BIRD:   dev.json (with "evidence" and "difficulty"), dev_tables.json, dev_databases/<db>/<db>.sqlite,
+            and the same with train_ for the training split
+
+An example whose database file is missing is skipped and counted, never an error; malformed JSON is an
+error that names the file and the position.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass
+class Example:
+    question: str
+    db_id: str
+    db_path: Path
+    gold_sql: str = ""
+    evidence: str = ""  # BIRD's external knowledge: the prompt shows it as a hint
+    index: int = 0  # the official id where the file has one (BIRD question_id, dev_index), else the position
+    difficulty: str = ""  # the dataset's own label (BIRD: simple / moderate / challenging); "" for Spider
+
+
+@dataclass
+class Dataset:
+    name: str
+    examples: list[Example]
+    skipped: int = 0  # examples dropped because their database file is missing
+    missing_dbs: set[str] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self):
+        return iter(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+    def __repr__(self) -> str:
+        skipped = f", {self.skipped} skipped (missing databases: {sorted(self.missing_dbs)})" if self.skipped else ""
+        return f"Dataset({self.name!r}, {len(self.examples)} examples{skipped})"
+
+
+def read_json(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # some BIRD files start with a BOM
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def layout(root: Path) -> str:
+    """'spider' or 'bird', from the files in root."""
+    if (root / "database").is_dir() or (root / "tables.json").is_file():
+        return "spider"
+    if any(root.glob("*_databases")) or any(root.glob("*_tables.json")):
+        return "bird"
+    raise DatasetError(f"{root}: neither a Spider layout (database/, tables.json) nor a BIRD layout "
+                       "(dev_databases/, dev_tables.json)")
+
+
+def _files_and_db_dirs(root: Path, kind: str, split: str) -> tuple[list[Path], list[Path]]:
+    if split.endswith(".json") or "/" in split or "\\" in split:  # a file, not a split name
+        as_path = Path(split)
+        path = as_path if as_path.is_absolute() or as_path.is_file() else root / as_path
+        stem = path.stem.split("_")[0]  # dev_sample.json -> dev: which database folder to look in first
+        if kind == "spider":
+            db_dirs = [root / "test_database", root / "database"] if stem == "test" else [root / "database"]
+        else:
+            db_dirs = [root / f"{stem}_databases"] + sorted(root.glob("*_databases"))
+        return [path], db_dirs
+    if kind == "spider":
+        files = [root / "train_spider.json", root / "train_others.json"] if split == "train" else [
+            root / f"{split}.json"]
+        db_dirs = [root / "test_database", root / "database"] if split == "test" else [root / "database"]
+        return files, db_dirs
+    return [root / f"{split}.json"], [root / f"{split}_databases"]
+
+
+def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
+    """Examples of a Spider or BIRD split. `split` is a name ("dev", "train", "test"; Spider's train is
+    train_spider.json + train_others.json) or a JSON file in the official format (e.g. dev_sample.json)."""
+    root = Path(root)
+    kind = layout(root)
+    files, db_dirs = _files_and_db_dirs(root, kind, str(split))
+    examples, missing, skipped, position = [], set(), 0, 0
+    for path in files:
+        records = read_json(path)
+        if not isinstance(records, list):
+            raise DatasetError(f"{path}: expected a JSON list of examples, got {type(records).__name__}")
+        for i, r in enumerate(records):
+            try:
+                question, db_id = r["question"].strip(), str(r["db_id"])
+                gold = (r.get("query", r.get("SQL")) or "").strip()
+                evidence = (r.get("evidence") or "").strip()
+                index = int(r.get("question_id", r.get("dev_index", position)))
+            except (KeyError, TypeError, AttributeError, ValueError):
+                raise DatasetError(f"{path}: example {i} is not a dict with a 'question' string and a 'db_id'"
+                                   ) from None
+            position += 1
+            db_path = next((d / db_id / f"{db_id}.sqlite" for d in db_dirs
+                            if (d / db_id / f"{db_id}.sqlite").is_file()), None)
+            if db_path is None:
+                skipped += 1
+                missing.add(db_id)
+                continue
+            examples.append(Example(question, db_id, db_path, gold, evidence, index, r.get("difficulty", "")))
+    name = f"{kind}/{files[0].stem if len(files) == 1 else split}"
+    return Dataset(name, examples, skipped, missing)
+
+
+def load_sqlite(path: str | Path, questions) -> Dataset:
+    """A user's own database and questions: a string, a list of strings, or dicts with "question" (and
+    optionally "query"/"SQL" and "evidence")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no SQLite database at {path}")
+    with path.open("rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise DatasetError(f"{path}: not a SQLite database file")
+    if isinstance(questions, (str, dict)):
+        questions = [questions]
+    examples = []
+    for i, q in enumerate(questions):
+        q = {"question": q} if isinstance(q, str) else q
+        gold = q.get("query", q.get("SQL", ""))
+        examples.append(Example(q["question"].strip(), path.stem, path, gold, q.get("evidence", ""), i))
+    return Dataset(f"sqlite/{path.stem}", examples)

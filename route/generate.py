@@ -3,9 +3,10 @@
 ROUTE's workload is prefill-bound: thousands of prompts of 0.5-4k tokens (schema + sample rows + question)
 with answers of 30-60 tokens. Three ideas keep it fast:
 
-1. Shared-prefix reuse. A prompt may come as (prefix, rest). Prompts about the same database share their
-   prefix (system prompt + schema + sample rows), so its keys/values are computed once, kept in a
-   PrefixCache across calls, and copied into each row's cache; only the short rest is prefilled.
+1. Shared-prefix reuse. A prompt may come in parts, e.g. (system + schema, task instructions, question).
+   Every cut is a cache point: prompts about the same database share their first part, those of the same
+   task share the second, so those keys/values are computed once (each level extending the one before),
+   kept in a PrefixCache across calls, and copied into each row's cache; only the short rest is prefilled.
 2. Length-bucketed batches under a token budget: prompts are sorted by (prefix, length) and packed while
    batch * (longest prefix + longest rest + max_new_tokens) stays within `batch_tokens`.
 3. A static cache per batch with a validity mask. Row b's cache is [its prefix][holes][its rest, right-
@@ -38,22 +39,34 @@ class Stats:
 
 
 class PrefixCache:
-    """Keys/values of shared prompt prefixes, least-recently-used first out past `max_bytes`."""
+    """Keys/values of shared prompt prefixes, least-recently-used first out past `max_bytes`.
+
+    A prefix is a tuple of token-id tuples (its levels); computing one extends the cached entry of its
+    parent level, so a database's schema is run once for all the tasks whose instructions follow it.
+    """
 
     def __init__(self, max_bytes: int = 4 << 30):
         self.max_bytes, self.entries, self.hits = max_bytes, OrderedDict(), 0
 
-    def get(self, model: Transformer, prefix: tuple[int, ...], stats: Stats) -> KVCache:
-        if prefix in self.entries:
-            self.entries.move_to_end(prefix)
+    def get(self, model: Transformer, levels: tuple[tuple[int, ...], ...], stats: Stats) -> KVCache:
+        if levels in self.entries:
+            self.entries.move_to_end(levels)
             self.hits += 1
-            return self.entries[prefix]
+            return self.entries[levels]
+        parent = self.get(model, levels[:-1], stats) if len(levels) > 1 else None
+        n = parent.valid.shape[1] if parent is not None else 0
+        new = levels[-1]
         p = next(model.parameters())
-        kv = KVCache(model.config, 1, len(prefix), p.dtype, p.device)
-        tokens = torch.tensor([prefix], device=p.device)
-        model(tokens, cache=kv, logits_for=slice(0, 0))  # plain causal prefill, no logits needed
-        stats.prefilled += len(prefix)
-        self.entries[prefix] = kv
+        kv = KVCache(model.config, 1, n + len(new), p.dtype, p.device)
+        kv.valid[:] = True
+        if parent is not None:
+            for layer in range(len(kv.k)):
+                kv.k[layer][:, :, :n] = parent.k[layer]
+                kv.v[layer][:, :, :n] = parent.v[layer]
+        tokens = torch.tensor([new], device=p.device)
+        model(tokens, mask=attention_mask(kv.valid, n, len(new)), cache=kv, start=n, logits_for=slice(0, 0))
+        stats.prefilled += len(new)
+        self.entries[levels] = kv
         while len(self.entries) > 1 and sum(_nbytes(e) for e in self.entries.values()) > self.max_bytes:
             self.entries.popitem(last=False)
         return kv
@@ -89,20 +102,25 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 @dataclass
 class _Row:
-    index: int               # position in the caller's list
-    prefix: tuple[int, ...]
+    index: int                             # position in the caller's list
+    prefix: tuple[tuple[int, ...], ...]    # cacheable levels
     rest: list[int]
     out: list[int] = field(default_factory=list)
-    text: str | None = None  # set when finished
+    text: str | None = None                # set when finished
+
+    @property
+    def n_prefix(self) -> int:
+        return sum(map(len, self.prefix))
 
 
-def _split(tok, prompt, reuse: bool) -> tuple[tuple[int, ...], list[int]]:
-    prefix, rest = prompt if isinstance(prompt, tuple) else ("", prompt)
-    p = tuple(tok.encode(prefix)) if prefix else ()
-    r = tok.encode(rest) if isinstance(rest, str) else list(rest)
-    if not r:  # the last prompt token must be run to get the first logits
-        p, r = p[:-1], [p[-1]] if p else [tok.pad_id]
-    return (p, r) if reuse else ((), [*p, *r])
+def _split(tok, prompt, reuse: bool) -> tuple[tuple[tuple[int, ...], ...], list[int]]:
+    parts = prompt if isinstance(prompt, tuple) else (prompt,)
+    ids = [tok.encode(x) if isinstance(x, str) else list(x) for x in parts]  # each part encoded on its own
+    levels = tuple(tuple(x) for x in ids[:-1] if x)
+    rest = ids[-1]
+    if not reuse or not rest:  # (with no rest the prompt runs in full: its last token must yield logits)
+        return (), [t for level in levels for t in level] + rest or [tok.pad_id]
+    return levels, rest
 
 
 @torch.inference_mode()
@@ -112,13 +130,14 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
              stats: Stats | None = None, progress: bool = True, desc: str = "generate") -> list[str]:
     """Complete each prompt; returns the completions (special tokens and stop strings cut) in prompt order.
 
-    A prompt is a string, or a (prefix, rest) pair of strings whose token ids are concatenated; prompts with
-    the same prefix share its KV cache (unless reuse_prefix=False, which gives the same outputs slower).
+    A prompt is a string, or a tuple of strings (or token-id lists) whose token ids are concatenated; each
+    part but the last is a cache level, and prompts with the same leading parts share their KV cache
+    (reuse_prefix=False runs every prompt in full instead: the same outputs, slower).
     """
     t0 = time.perf_counter()
     st = Stats(prompts=len(prompts))
     rows = [_Row(i, *_split(tok, p, reuse_prefix)) for i, p in enumerate(prompts)]
-    st.prompt_tokens = sum(len(r.prefix) + len(r.rest) for r in rows)
+    st.prompt_tokens = sum(r.n_prefix + len(r.rest) for r in rows)
     cache = prefix_cache if prefix_cache is not None else PrefixCache()
     gen = torch.Generator(next(model.parameters()).device).manual_seed(seed) if temperature > 0 else None
 
@@ -127,7 +146,7 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
     batches, batch = [], []
     for r in rows:
         cand = batch + [r]
-        cost = len(cand) * (max(len(x.prefix) for x in cand) + max(len(x.rest) for x in cand) + max_new_tokens)
+        cost = len(cand) * (max(x.n_prefix for x in cand) + max(len(x.rest) for x in cand) + max_new_tokens)
         if batch and (cost > batch_tokens or len(cand) > max_batch):
             batches.append(batch)
             cand = [r]
@@ -151,7 +170,7 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
 def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature, top_p, gen, stop, st: Stats):
     p = next(model.parameters())
     B = len(rows)
-    P = max(len(r.prefix) for r in rows)
+    P = max(r.n_prefix for r in rows)
     T = max(len(r.rest) for r in rows)
     cache = KVCache(model.config, B, P + T + max_new, p.dtype, p.device)
 
@@ -159,7 +178,7 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature,
     tokens = torch.full((B, T), tok.pad_id, dtype=torch.long)
     positions = torch.zeros((B, T), dtype=torch.long)
     for b, r in enumerate(rows):
-        n, L = len(r.prefix), len(r.rest)
+        n, L = r.n_prefix, len(r.rest)
         if n:
             kv = prefix_cache.get(model, r.prefix, st)
             for layer in range(len(cache.k)):

@@ -44,13 +44,18 @@ def test_prefix_reuse_gives_identical_outputs(engine):
     model, tok, _ = engine
     schema = tok.chat([{"role": "system", "content": "CREATE TABLE singer (id int, name text, age int)"}],
                       add_generation_prompt=False)
-    prompts = [(schema, q) for q in PROMPTS] + [("", "SELECT name"), (schema[:20], "FROM")]
+    task = "Write SQL for the question.\n"
+    prompts = [(schema, q) for q in PROMPTS] + [("", "SELECT name"), (schema[:20], "FROM")] + \
+              [(schema, task, q) for q in PROMPTS[:2]] + [(schema, "")]
     cache, st = PrefixCache(), Stats()
     reused = generate(model, tok, prompts, max_new_tokens=12, prefix_cache=cache, stats=st, progress=False)
     plain = generate(model, tok, prompts, max_new_tokens=12, reuse_prefix=False, progress=False)
     assert reused == plain
     n_schema = len(tok.encode(schema))
-    assert st.prefilled == st.prompt_tokens - 4 * n_schema  # the schema was run once, not for all 5 prompts
+    n_task = len(tok.encode(task))
+    # the schema was run once for its 7 prompts (and once more by the prompt with nothing after it),
+    # the task level once for its 2 prompts
+    assert st.prefilled == st.prompt_tokens - 6 * n_schema - n_task
     again = Stats()
     generate(model, tok, prompts[:2], max_new_tokens=4, prefix_cache=cache, stats=again, progress=False)
     assert again.prefilled == sum(len(tok.encode(q)) for q in PROMPTS[:2])  # prefix served from the cache

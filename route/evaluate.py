@@ -1,0 +1,248 @@
+"""Execution accuracy (EX): does the predicted SQL return what the gold SQL returns?
+
+The metric ROUTE (Qin et al., ICLR 2025) reports on Spider and BIRD (Sec. 4.1), computed the way each
+benchmark's official script does:
+
+  spider  rows compared as a multiset, in order only when the gold query orders its result (ORDER BY at
+          its top level), and a permutation of the columns still matches, as in test-suite-sql-eval's
+          `result_eq`; DISTINCT is removed from both queries first, as that script does by default
+          (keep_distinct=True turns this off). Its script looks for "order by" anywhere in the gold text;
+          here only a top-level ORDER BY makes order matter, so a sorted subquery does not.
+  bird    the two results compared as sets (BIRD's evaluation.py), columns in their order.
+
+    python -m route.evaluate --pred PRED --gold GOLD --db-root DIR [--out results.jsonl]
+
+PRED: one SQL per line (Spider's format; anything after a tab is ignored), JSONL ({"sql": ..., optional
+"index"}), or BIRD's predict_dev.json. GOLD: Spider's gold format ("SQL<tab>db_id" per line) or a dataset
+JSON file (dev.json, dev_sample.json, BIRD's dev.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from route.database import DEFAULT_TIMEOUT, open_database
+from route.datasets import Dataset, Example, read_json
+from route.sql import LEVELS, difficulty, order_matters, remove_distinct
+
+
+def results_match(pred_rows, gold_rows, ordered: bool) -> bool:
+    """Spider's equivalence of two results: some order of pred's columns makes its rows equal gold's, as
+    lists when `ordered`, else as multisets. Two empty results match whatever their columns."""
+    if not pred_rows and not gold_rows:
+        return True
+    if len(pred_rows) != len(gold_rows) or len(pred_rows[0]) != len(gold_rows[0]):
+        return False
+    pred_rows, gold_rows = [tuple(r) for r in pred_rows], [tuple(r) for r in gold_rows]
+    if ordered and pred_rows == gold_rows or not ordered and Counter(pred_rows) == Counter(gold_rows):
+        return True
+    # Which of pred's columns could stand in for each gold column: those holding the same values (in
+    # order, or as a bag). This prunes the permutations that the official script samples rows to prune.
+    same = (lambda a, b: a == b) if ordered else (lambda a, b: Counter(a) == Counter(b))
+    pred_cols, gold_cols = list(zip(*pred_rows)), list(zip(*gold_rows))
+    candidates = [[j for j, p in enumerate(pred_cols) if same(p, g)] for g in gold_cols]
+    gold_bag = Counter(gold_rows)
+
+    def search(perm: list[int]) -> bool:
+        if len(perm) == len(gold_cols):
+            rows = [tuple(r[j] for j in perm) for r in pred_rows]
+            return rows == gold_rows if ordered else Counter(rows) == gold_bag
+        tried = set()
+        for j in candidates[len(perm)]:
+            if j not in perm and pred_cols[j] not in tried:  # identical columns: one of them is enough
+                tried.add(pred_cols[j])
+                if search(perm + [j]):
+                    return True
+        return False
+
+    return search([])
+
+
+@dataclass
+class Result:
+    index: int
+    db_id: str
+    difficulty: str
+    pred: str
+    gold: str
+    correct: bool
+    pred_error: str | None = None
+    gold_error: str | None = None
+
+
+def compare(pred_sql: str, gold_sql: str, db, mode: str = "spider", timeout: float = DEFAULT_TIMEOUT,
+            keep_distinct: bool = False) -> tuple[bool, str | None, str | None]:
+    """(correct, pred's error, gold's error). `db` is a Database or a path to one."""
+    if mode not in ("spider", "bird"):
+        raise ValueError(f"mode must be 'spider' or 'bird', not {mode!r}")
+    if isinstance(db, (str, Path)):
+        db = open_database(db)
+    if mode == "spider" and not keep_distinct:
+        pred_sql, gold_sql = remove_distinct(pred_sql or ""), remove_distinct(gold_sql)
+    gold = db.execute(gold_sql, timeout=timeout)
+    pred = db.execute(pred_sql or "", timeout=timeout)
+    if gold.error or pred.error:
+        return False, pred.error, gold.error
+    if mode == "bird":
+        return set(pred.rows) == set(gold.rows), None, None
+    return results_match(pred.rows, gold.rows, order_matters(gold_sql)), None, None
+
+
+def execution_match(pred_sql: str, gold_sql: str, db, mode: str = "spider", **kwargs) -> bool:
+    return compare(pred_sql, gold_sql, db, mode, **kwargs)[0]
+
+
+@dataclass
+class Report:
+    results: list[Result]
+    mode: str = "spider"
+    skipped: int = 0  # examples whose database is missing
+    seconds: float = 0.0
+    missing_dbs: set[str] = field(default_factory=set)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r.correct for r in self.results) / max(1, len(self.results))
+
+    def by_level(self) -> dict[str, tuple[int, int]]:
+        """level -> (correct, count), Spider's levels first, then any others (BIRD's) in sorted order."""
+        levels = {r.difficulty for r in self.results}
+        order = [lv for lv in LEVELS if lv in levels] + sorted(levels - set(LEVELS))
+        return {lv: (sum(r.correct for r in self.results if r.difficulty == lv),
+                     sum(r.difficulty == lv for r in self.results)) for lv in order}
+
+    def __str__(self) -> str:
+        rows = list(self.by_level().items()) + [("all", (sum(r.correct for r in self.results), len(self.results)))]
+        lines = [f"{'EX (' + self.mode + ')':<14}{'count':>7}{'correct':>9}{'EX %':>8}"]
+        lines += [f"{lv:<14}{n:>7}{c:>9}{100 * c / max(1, n):>8.1f}" for lv, (c, n) in rows]
+        gold_errors = sum(r.gold_error is not None for r in self.results)
+        if gold_errors:
+            lines.append(f"{gold_errors} gold queries failed to execute (scored as wrong)")
+        if self.skipped:
+            lines.append(f"skipped {self.skipped} examples: missing databases {sorted(self.missing_dbs)}")
+        lines.append(f"{len(self.results)} examples scored in {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+    def write_jsonl(self, path: str | Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in self.results:
+                f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+
+
+def evaluate(preds, examples: list[Example], mode: str = "spider", timeout: float = DEFAULT_TIMEOUT,
+             keep_distinct: bool = False, skipped: int = 0) -> Report:
+    """Score predictions: a list aligned with `examples`, or a dict keyed by Example.index (a missing
+    key scores as wrong). Levels are Spider's difficulty of the gold query unless the example has its
+    own label (BIRD)."""
+    if not isinstance(preds, dict) and len(preds) != len(examples):
+        raise ValueError(f"{len(preds)} predictions for {len(examples)} examples")
+    start = time.perf_counter()
+    results = []
+    for i, ex in enumerate(examples):
+        pred = preds.get(ex.index, "") if isinstance(preds, dict) else preds[i]
+        level = ex.difficulty or difficulty(ex.gold_sql)
+        try:
+            correct, pred_error, gold_error = compare(pred, ex.gold_sql, ex.db_path, mode, timeout, keep_distinct)
+        except (OSError, ValueError) as e:  # an unreadable database file
+            correct, pred_error, gold_error = False, None, str(e)
+        results.append(Result(ex.index, ex.db_id, level, pred or "", ex.gold_sql, correct, pred_error, gold_error))
+    return Report(results, mode, skipped, time.perf_counter() - start)
+
+
+# -- files -------------------------------------------------------------------------------------------------
+
+
+def read_gold(path: str | Path, db_root: str | Path) -> tuple[Dataset, list[int]]:
+    """The gold examples (from Spider's gold format or a dataset JSON file) whose database exists under
+    db_root, and each one's position in the file (to line up predictions given one per line)."""
+    path, db_root = Path(path), Path(db_root)
+    if path.suffix == ".json":
+        records = [(r.get("query", r.get("SQL", "")), r["db_id"], r.get("question", ""),
+                    r.get("question_id", r.get("dev_index", i)), r.get("difficulty", ""))
+                   for i, r in enumerate(read_json(path))]
+    else:
+        records = []
+        for i, line in enumerate(line for line in path.open(encoding="utf-8") if line.strip()):
+            sql, _, db_id = line.strip().rpartition("\t")
+            if not sql:
+                raise ValueError(f"{path}: gold line {i + 1} is not 'SQL<tab>db_id'")
+            records.append((sql, db_id.strip(), "", i, ""))
+    gold, positions = Dataset(f"gold/{path.stem}", []), []
+    for position, (sql, db_id, question, index, level) in enumerate(records):
+        db_path = db_root / db_id / f"{db_id}.sqlite"
+        if db_path.is_file():
+            gold.examples.append(Example(question, db_id, db_path, sql.strip(), "", int(index), level))
+            positions.append(position)
+        else:
+            gold.skipped += 1
+            gold.missing_dbs.add(db_id)
+    return gold, positions
+
+
+def read_preds(path: str | Path, n_gold: int) -> list[str] | dict[int, str]:
+    """Predictions as a list (by position) or a dict (by example index)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        preds, by_index = [], {}
+        for n, line in enumerate(path.open(encoding="utf-8"), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed JSON on line {n}, column {e.colno}: {e.msg}") from None
+            sql = next((r[k] for k in ("sql", "pred", "prediction", "predicted_sql", "SQL", "query") if k in r), "")
+            preds.append(sql or "")
+            if "index" in r or "question_id" in r:
+                by_index[int(r.get("index", r.get("question_id")))] = sql or ""
+        return by_index if len(by_index) == len(preds) and by_index else preds
+    if path.suffix == ".json":  # BIRD: {"0": "SQL\t----- bird -----\tdb_id", ...}, or a list of SQL strings
+        data = read_json(path)
+        if isinstance(data, dict):
+            return {int(k): (v or "").split("\t")[0].strip() for k, v in data.items()}
+        return [(v or "").split("\t")[0].strip() for v in data]
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) != n_gold:  # Spider's script drops blank lines; accept files written that way too
+        lines = [line for line in lines if line.strip()]
+    return [line.split("\t")[0].strip() for line in lines]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m route.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pred", required=True, help="predictions: one SQL per line, .jsonl, or BIRD's .json")
+    ap.add_argument("--gold", required=True, help="gold: 'SQL<tab>db_id' per line, or a dataset .json")
+    ap.add_argument("--db-root", required=True, help="folder holding <db_id>/<db_id>.sqlite")
+    ap.add_argument("--out", help="per-example results (JSONL); default: next to PRED, .results.jsonl")
+    ap.add_argument("--mode", choices=("spider", "bird"), default="spider")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per query")
+    ap.add_argument("--keep-distinct", action="store_true", help="spider mode: do not strip DISTINCT")
+    args = ap.parse_args(argv)
+
+    gold, positions = read_gold(args.gold, args.db_root)
+    n_gold = len(gold.examples) + gold.skipped
+    preds = read_preds(args.pred, n_gold)
+    if isinstance(preds, list):
+        if len(preds) != n_gold:
+            print(f"error: {len(preds)} predictions in {args.pred} for {n_gold} gold queries in {args.gold}",
+                  file=sys.stderr)
+            return 2
+        preds = [preds[p] for p in positions]  # drop the predictions of skipped examples
+    report = evaluate(preds, gold.examples, args.mode, args.timeout, args.keep_distinct, gold.skipped)
+    report.missing_dbs = gold.missing_dbs
+    out = Path(args.out) if args.out else Path(args.pred).with_suffix(".results.jsonl")
+    report.write_jsonl(out)
+    print(report)
+    print(f"per-example results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

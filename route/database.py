@@ -121,9 +121,9 @@ def quote(name: str) -> str:
     SQLite itself decides what is a keyword (`order` must be quoted, `year` need not)."""
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         probe = sqlite3.connect(":memory:")
-        try:
-            probe.execute(f'SELECT {name} FROM (SELECT 1 AS "{name}")').fetchall()
-            return name
+        try:  # bare, the name must still mean the column: `null` or `current_date` would not
+            if probe.execute(f'SELECT {name} FROM (SELECT \'probe\' AS "{name}")').fetchall() == [("probe",)]:
+                return name
         except sqlite3.Error:
             pass
         finally:
@@ -211,7 +211,8 @@ class Database:
 
     def execute(self, sql: str, timeout: float = DEFAULT_TIMEOUT, max_rows: int = MAX_ROWS,
                 max_bytes: int = MAX_BYTES) -> ExecResult:
-        """Run one query; never raises. Errors (syntax, timeout, refused writes) come back as `error`."""
+        """Run one query; never raises. Errors (syntax, timeout, refused writes) come back as `error`, a
+        non-empty string. Results are cached per (sql, limits): treat the returned rows as read-only."""
         key = (sql, timeout, max_rows, max_bytes)
         with self._lock:  # one connection, one query at a time
             if key in self._results:
@@ -245,7 +246,8 @@ class Database:
                 finally:
                     self._conn.text_factory = str
         except Exception as e:  # noqa: BLE001 - anything a query does is reported, never raised
-            message = f"{type(e).__name__}: {e}"
+            # SQLite's own words ("no such column: x") are what noise correction shows the model
+            message = str(e) if isinstance(e, sqlite3.Error) and str(e) else f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline or str(e) == "interrupted":
                 message = f"timeout: the query ran longer than {timeout:g} s"
             return ExecResult([], [], message, seconds=time.monotonic() - start)

@@ -87,7 +87,7 @@ def compare(pred_sql: str, gold_sql: str, db, mode: str = "spider", timeout: flo
         pred_sql, gold_sql = remove_distinct(pred_sql or ""), remove_distinct(gold_sql)
     gold = db.execute(gold_sql, timeout=timeout)
     pred = db.execute(pred_sql or "", timeout=timeout)
-    if gold.error or pred.error:
+    if gold.error is not None or pred.error is not None:
         return False, pred.error, gold.error
     if mode == "bird":
         return set(pred.rows) == set(gold.rows), None, None

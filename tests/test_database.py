@@ -60,6 +60,13 @@ def test_prompt_format(tricky):
     assert tricky.schema_prompt().count("(", tricky.schema_prompt().index("pet: ")) == 3  # k=3 rows by default
 
 
+def test_quote_only_where_needed():
+    assert [database.quote(n) for n in ["name", "year", "T_1"]] == ["name", "year", "T_1"]
+    # keywords, and words SQLite reads as values when bare, are quoted; so are spaces and quotes
+    assert [database.quote(n) for n in ["order", "select", "null", "current_date", "Home Town", 'a"b', "1st"]] == \
+        ['"order"', '"select"', '"null"', '"current_date"', '"Home Town"', '"a""b"', '"1st"']
+
+
 def test_spider_prompt_real_keys_and_determinism(spider):
     path = spider_db("concert_singer")
     prompt = open_database(path).schema_prompt()

@@ -156,7 +156,9 @@ def _cut(value):
 # -- execution ---------------------------------------------------------------------------------------------
 
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, 33}  # 33: SQLITE_RECURSIVE
-_QUERY_START = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*(?:select|with|values)\b", re.I | re.S)
+# what may precede the first keyword: whitespace, comments, parentheses (one character or comment per step:
+# a nested `(\s+)*` would backtrack exponentially on a long run of spaces)
+_QUERY_START = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*(?:select|with|values)\b", re.I | re.S)
 
 
 def _authorize(action, *_):
@@ -205,7 +207,8 @@ class Database:
 
     def close(self) -> None:
         self._conn.close()
-        _OPEN.pop(str(self.path), None)
+        if _OPEN.get(str(self.path)) is self:
+            del _OPEN[str(self.path)]
 
     # -- execution --
 

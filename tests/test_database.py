@@ -101,6 +101,8 @@ def test_execute_results_errors_and_caps(spider):
     assert r.ok and r.rows == [("Netherlands", 15864000)] and r.columns == ["Name", "Population"]
     assert "no such column" in db.execute("SELECT nope FROM country").error
     assert db.execute("SELEC 1").error and db.execute("").error == "empty SQL" and db.execute(None).error
+    start = time.monotonic()
+    assert db.execute(" " * 100_000 + "x").error and time.monotonic() - start < 0.5  # no regex backtracking
     r = db.execute("SELECT * FROM city a, city b", max_rows=1000)
     assert r.ok and r.truncated and len(r.rows) == 1000
     r = db.execute("SELECT * FROM city", max_bytes=10_000)

@@ -135,11 +135,15 @@ class Report:
                 f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
 
 
-def evaluate(preds, examples: list[Example], mode: str = "spider", timeout: float = DEFAULT_TIMEOUT,
+def evaluate(preds, examples: list[Example] | Dataset, mode: str = "spider", timeout: float = DEFAULT_TIMEOUT,
              keep_distinct: bool = False, skipped: int = 0) -> Report:
     """Score predictions: a list aligned with `examples`, or a dict keyed by Example.index (a missing
     key scores as wrong). Levels are Spider's difficulty of the gold query unless the example has its
-    own label (BIRD)."""
+    own label (BIRD). `skipped` (examples dropped for a missing database) is only reported; a Dataset
+    brings its own count."""
+    missing = set()
+    if isinstance(examples, Dataset):
+        skipped, missing, examples = examples.skipped, examples.missing_dbs, examples.examples
     if not isinstance(preds, dict) and len(preds) != len(examples):
         raise ValueError(f"{len(preds)} predictions for {len(examples)} examples")
     start = time.perf_counter()
@@ -152,7 +156,7 @@ def evaluate(preds, examples: list[Example], mode: str = "spider", timeout: floa
         except (OSError, ValueError) as e:  # an unreadable database file
             correct, pred_error, gold_error = False, None, str(e)
         results.append(Result(ex.index, ex.db_id, level, pred or "", ex.gold_sql, correct, pred_error, gold_error))
-    return Report(results, mode, skipped, time.perf_counter() - start)
+    return Report(results, mode, skipped, time.perf_counter() - start, missing)
 
 
 # -- files -------------------------------------------------------------------------------------------------
@@ -235,8 +239,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         preds = [preds[p] for p in positions]  # drop the predictions of skipped examples
-    report = evaluate(preds, gold.examples, args.mode, args.timeout, args.keep_distinct, gold.skipped)
-    report.missing_dbs = gold.missing_dbs
+    report = evaluate(preds, gold, args.mode, args.timeout, args.keep_distinct)
     out = Path(args.out) if args.out else Path(args.pred).with_suffix(".results.jsonl")
     report.write_jsonl(out)
     print(report)

@@ -141,13 +141,13 @@ def order_matters(sql: str) -> bool:
     tree = _parse(sql) if isinstance(sql, str) and sql.strip() else None
     if tree is None:
         return "order by" in " ".join(str(sql).lower().split())
-    return tree.args.get("order") is not None
+    return _unwrap(tree).args.get("order") is not None
 
 
 def remove_distinct(sql: str) -> str:
     """The query without its DISTINCT keywords, as Spider's official EX does unless --keep_distinct."""
-    if "distinct" not in sql.lower():  # most queries: skip the (pure Python) tokenizer
-        return sql
+    if not isinstance(sql, str) or "distinct" not in sql.lower():  # most queries: skip the tokenizer
+        return sql if isinstance(sql, str) else ""
     try:
         tokens = sqlglot.Dialect.get_or_raise(DIALECT).tokenize(sql)
     except Exception:  # noqa: BLE001

@@ -29,8 +29,8 @@ def test_results_match_semantics():
 
 def test_dev_sample_gold_scores_100(spider):
     data = load_dataset(SPIDER, "dev_sample.json")
-    report = evaluate([ex.gold_sql for ex in data.examples], data.examples)
-    assert report.accuracy == 1.0 and len(report.results) == 200
+    report = evaluate([ex.gold_sql for ex in data.examples], data)
+    assert report.accuracy == 1.0 and len(report.results) == 200 and report.skipped == 0
     assert {lv: n for lv, (_, n) in report.by_level().items()} == {"easy": 51, "medium": 90, "hard": 33, "extra": 26}
     assert report.seconds < 2.0  # README reports the measured figure
     bird = evaluate([ex.gold_sql for ex in data.examples], data.examples, mode="bird")

@@ -125,7 +125,8 @@ class Report:
         if gold_errors:
             lines.append(f"{gold_errors} gold queries failed to execute (scored as wrong)")
         if self.skipped:
-            lines.append(f"skipped {self.skipped} examples: missing databases {sorted(self.missing_dbs)}")
+            dbs = f" ({', '.join(sorted(self.missing_dbs))})" if self.missing_dbs else ""
+            lines.append(f"skipped {self.skipped} examples whose database is missing{dbs}")
         lines.append(f"{len(self.results)} examples scored in {self.seconds:.2f} s")
         return "\n".join(lines)
 

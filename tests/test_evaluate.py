@@ -143,7 +143,7 @@ def test_cli_spider_format(gold_file, tmp_path, capsys):
     pred.write_text("SELECT name FROM singer ORDER BY age\nSELECT 1\nSELECT count(*) FROM country\n")
     code, out = run(capsys, "--pred", pred, "--gold", gold_file, "--db-root", SPIDER / "database")
     assert code == 0
-    assert "all                 2        1    50.0" in out.out and "skipped 1 examples" in out.out
+    assert "all                 2        1    50.0" in out.out and "skipped 1 examples whose database is missing (no_such_db)" in out.out
     results = [json.loads(line) for line in (tmp_path / "pred.results.jsonl").read_text().splitlines()]
     assert [(r["db_id"], r["correct"]) for r in results] == [("concert_singer", True), ("world_1", False)]
 

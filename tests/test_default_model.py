@@ -220,6 +220,7 @@ def test_real_tokenizer_matches_transformers(real):
 @pytest.mark.slow
 def test_real_model_answers_concert_singer(real):
     from route.generate import generate
+    from route.sql import extract_sql
     from route.tokenizer import Tokenizer
     from route.weights import load_model
 
@@ -234,9 +235,5 @@ def test_real_model_answers_concert_singer(real):
                                                     f"question for the tables provided above.\n-- {QUESTION}\n"}])
     answer = generate(load_model(model_dir, dtype=torch.float32), tok, [prompt], max_new_tokens=64,
                       progress=False)[0]
-    try:
-        from route.sql import extract_sql
-        sql = extract_sql(answer)
-    except ImportError:
-        sql = answer.split("```sql")[-1].split("```")[0].strip() if "```" in answer else answer.strip()
+    sql = extract_sql(answer)
     assert con.execute(sql).fetchall() == con.execute("SELECT count(*) FROM singer").fetchall() == [(6,)], answer

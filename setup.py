@@ -16,7 +16,7 @@ setup(
         "sqlglot>=25",
         "numpy",
         "tqdm",
-        "gguf>=0.10",
+        "gguf>=0.17.1",  # ReaderField.contents(), no sentencepiece needed
     ],
     extras_require={
         # references the tests and benchmarks compare against; never imported by route/ itself

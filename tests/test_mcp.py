@@ -1,0 +1,162 @@
+"""The MCP chain: acceptance rules with a scripted model, garbage from a random model, prefix reuse."""
+import re
+import sqlite3
+
+import pytest
+
+from route import prompts
+from route.database import open_database
+from route.datasets import Example
+from route.mcp import run_chain
+from route.tokenizer import Tokenizer
+from route.weights import load_model
+from tiny import write_tiny, write_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def db_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("db") / "music.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE country (id INTEGER PRIMARY KEY, name TEXT);
+        CREATE TABLE singer (id INTEGER PRIMARY KEY, name TEXT, age INTEGER, country_id INTEGER,
+                             FOREIGN KEY (country_id) REFERENCES country(id));
+        CREATE TABLE concert (id INTEGER PRIMARY KEY, singer_id INTEGER, year INTEGER,
+                              FOREIGN KEY (singer_id) REFERENCES singer(id));
+        INSERT INTO country VALUES (1, 'France'), (2, 'Peru');
+        INSERT INTO singer VALUES (1, 'Ana', 30, 1), (2, 'Bo', 41, 2), (3, 'Cy', 25, 1);
+        INSERT INTO concert VALUES (1, 1, 2014), (2, 3, 2015);
+    """)
+    con.commit()
+    con.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny(path, "qwen2")
+    write_tiny_tokenizer(path, "qwen2")
+    return load_model(path), Tokenizer.from_dir(path)
+
+
+# What the scripted model answers, per question and task. Missing entries answer garbage.
+SCRIPT = {
+    "How many singers are there?": {
+        "sl": '{"singer": ["id"]}', "ts": "SELECT count(*) FROM singer", "nc": "correct"},
+    "List the singer names.": {  # TS fails, NC's fix fails too (rejected), CW rescues it
+        "sl": '{"singer": ["name"]}', "ts": "SELECT nme FROM singer",
+        "nc": "incorrect\n```sql\nSELECT nam FROM singer\n```", "cw": "name FROM singer```"},
+    "Which singers are from France?": {  # SL names no join key: pruning must add it
+        "sl": '{"singer": ["name"], "country": ["name"]}',
+        "ts": "SELECT T1.name FROM singer AS T1 JOIN country AS T2 ON T1.country_id = T2.id "
+              "WHERE T2.name = 'France'", "nc": "correct"},
+    "Who is the oldest singer?": {  # NC's fix executes: accepted
+        "sl": "not json at all, but singer is mentioned", "ts": "SELECT name FROM singer ORDER BY age",
+        "nc": "incorrect\n```sql\nSELECT name FROM singer ORDER BY age DESC LIMIT 1\n```"},
+    "Which concerts had singers from Peru?": {  # 3 tables: CW is asked; its empty-result answer is rejected
+        "sl": '{"concert": ["id"]}',
+        "ts": "SELECT T1.id FROM concert AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id JOIN country AS T3 "
+              "ON T2.country_id = T3.id WHERE T3.name = 'Peru'",
+        "nc": "correct", "cw": "id FROM concert WHERE year > 3000```"},
+}
+TASKS = {"### Task: text-to-SQL": "ts", "### Task: schema linking": "sl", "### Task: noise correction": "nc",
+         "### Task: continuation writing": "cw"}
+
+
+def scripted(calls):
+    def fake_generate(model, tok, prompt_list, **kw):
+        outs = []
+        for parts in prompt_list:
+            text = "".join(parts)
+            task = next(t for marker, t in TASKS.items() if marker in text)
+            question = re.search(r"### Question: (.*?)(?:<\|im_end\|>|\n)", text).group(1)
+            calls.append((task, question, text))
+            outs.append(SCRIPT.get(question, {}).get(task, "%% garbage {[ ```"))
+        return outs
+    return fake_generate
+
+
+def test_acceptance_rules(db_path, tiny_engine):
+    model, tok = tiny_engine
+    examples = [Example(q, "music", db_path) for q in SCRIPT]
+    calls = []
+    traces, times = run_chain(model, tok, examples, generate_fn=scripted(calls), progress=False)
+    by_q = {t.question: t for t in traces}
+
+    count = by_q["How many singers are there?"]
+    assert count.sql == "SELECT count(*) FROM singer" and count.nc == "correct" and count.cw == ""
+    assert count.rows == [[3]]
+
+    names = by_q["List the singer names."]
+    assert names.nc == "fix rejected"  # the correction does not execute
+    assert names.cw == "used" and names.sql == "SELECT name FROM singer" and len(names.rows) == 3
+
+    france = by_q["Which singers are from France?"]
+    # linked = SL's answer + what the pre-SQL uses (here the join keys too)
+    assert france.linked == {"singer": {"name", "country_id"}, "country": {"name", "id"}}
+    assert "age" not in france.pruned_schema and "concert" not in france.pruned_schema
+    sl_only = open_database(db_path).schema_prompt(keep={"singer": {"name"}, "country": {"name"}})
+    assert "country_id" in sl_only and "age" not in sl_only  # pruning alone keeps the join key
+    assert sorted(france.rows) == [["Ana"], ["Cy"]]
+
+    oldest = by_q["Who is the oldest singer?"]
+    assert oldest.linked.keys() == {"singer"}  # recovered from prose + the pre-SQL
+    assert oldest.nc == "fixed" and oldest.rows == [["Bo"]]
+
+    peru = by_q["Which concerts had singers from Peru?"]
+    assert peru.cw == "rejected" and peru.sql.count("JOIN") == 2  # CW's empty result is not accepted
+
+    cw_asked = {q for task, q, _ in calls if task == "cw"}
+    assert cw_asked == {"List the singer names.", "Which concerts had singers from Peru?"}
+    assert set(times) == {"sl+pre-sql", "ts", "nc", "cw"}
+
+
+def test_steps_can_be_switched_off(db_path, tiny_engine):
+    model, tok = tiny_engine
+    calls = []
+    examples = [Example(q, "music", db_path) for q in SCRIPT]
+    traces, _ = run_chain(model, tok, examples, steps=(), generate_fn=scripted(calls), progress=False)
+    assert {task for task, _, _ in calls} == {"ts"}
+    assert traces[1].sql == "SELECT nme FROM singer" and traces[1].error  # nothing rescued it
+    with pytest.raises(ValueError, match="unknown MCP steps"):
+        run_chain(model, tok, examples, steps=("sl", "xx"), progress=False)
+
+
+def test_random_model_end_to_end_and_prefix_reuse(db_path, tiny_engine):
+    """A random model writes garbage: every parser must survive it, and reuse must not change a thing."""
+    model, tok = tiny_engine
+    examples = [Example(q, "music", db_path) for q in SCRIPT]
+    a, _ = run_chain(model, tok, examples, progress=False)
+    b, _ = run_chain(model, tok, examples, reuse_prefix=False, progress=False)
+    assert a == b
+    assert all(isinstance(t.sql, str) for t in a)
+
+
+def test_parsers_survive_garbage(db_path):
+    db = open_database(db_path)
+    for junk in ["", "{", "}{", '{"singer": 3}', '{"nope": ["x"]}', "[1, 2]", "```json\n{\"singer\": [\"AGE\", \"zz\"]}",
+                 None, "\x00\xff", '{"singer": {"a": 1}}']:
+        links = prompts.parse_links(junk, db)
+        assert all(t in {"singer", "country", "concert"} for t in links)
+    assert prompts.parse_links('```json\n{"SINGER": ["AGE", "zz"]}\n', db) == {"singer": {"age"}}
+    assert prompts.parse_verdict("Correct.") == (True, "")
+    assert prompts.parse_verdict("incorrect\n```sql\nSELECT 1\n```") == (False, "SELECT 1")
+    assert prompts.parse_verdict(None) == (False, "")
+    assert prompts.parse_sql("name FROM singer\n```", partial="SELECT ") == "SELECT name FROM singer"
+    assert prompts.parse_sql("") == ""
+
+
+def test_prompt_parts_and_targets(tiny_engine, db_path):
+    _, tok = tiny_engine
+    schema = open_database(db_path).schema_prompt()
+    sl = prompts.build(tok, "sl", schema, "Q?", fewshot=True)
+    ts = prompts.build(tok, "ts", schema, "Q?", evidence="age is in years")
+    assert sl[0] == ts[0] and sl[0].endswith(schema)  # the shared, cacheable part: system + schema
+    assert "Examples on another database" in sl[1] and "Examples" not in ts[1]
+    assert ts[2].endswith("<|im_start|>assistant\n```sql\n") and "### Hint: age is in years" in ts[2]
+    cw = prompts.build(tok, "cw", schema, "Q?", partial="SELECT name FROM")
+    assert cw[2].endswith("```sql\nSELECT name FROM")
+    assert prompts.target("sl", {"singer": {"name", "age"}}) == '{"singer": ["age", "name"]}\n```'
+    assert prompts.target("nc", None) == "correct"
+    assert prompts.target("nc", "SELECT 1") == "incorrect\n```sql\nSELECT 1\n```"

@@ -1,0 +1,170 @@
+"""The training loop: answer-only loss, length-grouped batches, learning, exact resume, two processes = one."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from route import trainer
+from route.lora import load_adapter, lora_modules
+from route.tokenizer import Tokenizer
+from route.trainer import (IGNORE, TrainConfig, answer_loss, collate, lr_at, plan_epoch, plan_steps, prepare_model,
+                           tokenize_example, train)
+from route.weights import load_model
+from tiny import write_tiny, write_tiny_tokenizer
+from train_worker import make_examples, run
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2")
+    write_tiny(path, "qwen2")
+    write_tiny_tokenizer(path, "qwen2")
+    return path
+
+
+def test_tokenize_example_masks_the_prompt(tiny):
+    tok = Tokenizer.from_dir(tiny)
+    prompt = tok.chat([{"role": "user", "content": "How many singers?"}])
+    ex = tokenize_example(tok, prompt, "SELECT count(*) FROM singer;")
+    p = tok.encode(prompt)
+    assert ex["input_ids"][:len(p)] == p and ex["labels"][:len(p)] == [IGNORE] * len(p)
+    assert ex["labels"][len(p):] == ex["input_ids"][len(p):]
+    assert ex["input_ids"][-1] == tok.tok.token_to_id("<|im_end|>")  # the model learns to stop
+    assert tok.decode(ex["input_ids"][len(p):]) == "SELECT count(*) FROM singer;"
+
+
+def test_batches_are_length_grouped_under_the_budget():
+    lengths = [(i * 37) % 200 + 10 for i in range(500)]
+    batches = plan_epoch(lengths, 1024, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(500))  # each example once
+    assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in batches)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert sum(lengths) / padded > 0.9  # little padding
+    assert plan_epoch(lengths, 1024, 0, 0) == batches and plan_epoch(lengths, 1024, 0, 1) != batches
+    cfg = TrainConfig(epochs=2, batch_tokens=1024)
+    steps, ends = plan_steps(lengths, cfg, group=3)
+    assert all(len(s) == 3 for s in steps) and ends[-1] == 2.0 and 0 < ends[0] < 1
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 110, cfg) for s in range(110)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[10] == 1.0  # the first step already moves
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and abs(lrs[-1] - 0.1) < 1e-3
+
+
+def test_answer_only_loss_equals_the_full_reference(tiny):
+    """The head on answer positions only gives the loss of the usual full-logits computation."""
+    model = load_model(tiny)
+    examples = make_examples(Tokenizer.from_dir(tiny), 5)
+    tokens, labels = collate(examples, list(range(5)), "cpu")
+    s, n = answer_loss(model, model, tokens, labels)
+    with torch.no_grad():
+        logits = model(tokens)[:, :-1]
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    assert n == int((labels[:, 1:] != IGNORE).sum()) and abs(s.item() - want.item()) < 1e-3
+    # padding never changes a row's loss: alone, each example gives the same total
+    alone = sum(answer_loss(model, model, *collate(examples, [i], "cpu"))[0].item() for i in range(5))
+    assert abs(alone - s.item()) < 1e-3
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_few_steps_lower_the_loss(tiny, tmp_path, full):
+    examples = make_examples(Tokenizer.from_dir(tiny), 8)
+    eval_examples = make_examples(Tokenizer.from_dir(tiny), 4, seed=1)
+    cfg = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), full=full, lr=1e-2 if not full else 1e-3,
+                      max_steps=12, batch_tokens=2000, warmup=2, dtype="fp32", progress=False, eval_every=6)
+    torch.manual_seed(0)
+    history = train(prepare_model(cfg), examples, cfg, eval_examples)
+    assert len(history) == 12 and history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[5]["eval_loss"] > history[-1]["eval_loss"]
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 13))
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "padding"} <= set(lines[0])
+    if full:  # a plain HF-format model directory, with the tokenizer
+        again = load_model(tmp_path / "model")
+        assert (tmp_path / "model/tokenizer.json").exists()
+    else:  # a PEFT adapter
+        again = load_adapter(load_model(tiny), tmp_path / "adapter")
+        cfg_json = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+        assert cfg_json["base_model_name_or_path"] == str(tiny)
+    tokens, labels = collate(examples, list(range(8)), "cpu")
+    with torch.no_grad():
+        s, n = answer_loss(again, again, tokens, labels)
+    assert s.item() / n < 0.6 * history[0]["loss"]
+
+
+def test_bf16_training_keeps_fp32_adapters(tiny, tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), lr=1e-2, max_steps=3, batch_tokens=2000,
+                      dtype="bf16", progress=False, checkpointing=True)
+    model = prepare_model(cfg)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    history = train(model, make_examples(Tokenizer.from_dir(tiny), 8), cfg)
+    assert all(m.lora_A.dtype == torch.float32 for m in lora_modules(model).values())
+    assert history[-1]["loss"] < history[0]["loss"] and all(math.isfinite(h["grad_norm"]) for h in history)
+
+
+def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
+    """Stop a run with Ctrl-C after step 3 of 6, resume it: the last three losses are the uninterrupted ones."""
+    whole = run(tiny, tmp_path / "whole", max_steps=6, grad_accum=2)
+
+    real_lr_at = trainer.lr_at
+
+    def ctrl_c_during_step_3(step, total, cfg):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, total, cfg)
+
+    monkeypatch.setattr(trainer, "lr_at", ctrl_c_during_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, tmp_path / "cut", max_steps=6, grad_accum=2)
+    assert torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(trainer, "lr_at", real_lr_at)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is removed again
+
+    rest = run(tiny, tmp_path / "cut", max_steps=6, grad_accum=2, resume=True)
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    assert [h["loss"] for h in rest] == [h["loss"] for h in whole[3:]]
+    logged = [json.loads(ln)["step"] for ln in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    a = torch.load(tmp_path / "whole/checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(ValueError, match="cannot resume.*batch_tokens: 400 then, 500 now"):
+        run(tiny, tmp_path / "cut", max_steps=6, grad_accum=2, resume=True, batch_tokens=500)
+
+
+def _torchrun(tiny, out, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "train_worker.py"), str(tiny), str(out), *args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "history.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["lora", "fsdp"])
+def test_two_processes_equal_one(tiny, tmp_path, mode):
+    """torchrun with 2 gloo processes x 1 micro-batch = 1 process x 2 accumulated micro-batches: the same
+    global batches, losses and weights (DDP for LoRA, FSDP for full fine-tuning)."""
+    extra = ["fsdp=1"] if mode == "fsdp" else []
+    full = "full" if mode == "fsdp" else "lora"
+    two = _torchrun(tiny, tmp_path / "two", full, "grad_accum=1", *extra)
+    one = run(tiny, tmp_path / "one", full, grad_accum=2)
+    assert len(two) == len(one) == 4
+    for a, b in zip(one, two):
+        assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+    wa = torch.load(tmp_path / "one/checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "two/checkpoint.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5

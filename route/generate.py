@@ -64,7 +64,9 @@ class PrefixCache:
                 kv.k[layer][:, :, :n] = parent.k[layer]
                 kv.v[layer][:, :, :n] = parent.v[layer]
         tokens = torch.tensor([new], device=p.device)
-        model(tokens, mask=attention_mask(kv.valid, n, len(new)), cache=kv, start=n, logits_for=slice(0, 0))
+        # the first level needs no mask (plain causal attention, the faster kernel); later ones see their parent
+        mask = attention_mask(kv.valid, n, len(new)) if n else None
+        model(tokens, mask=mask, cache=kv, start=n, logits_for=slice(0, 0))
         stats.prefilled += len(new)
         self.entries[levels] = kv
         while len(self.entries) > 1 and sum(_nbytes(e) for e in self.entries.values()) > self.max_bytes:

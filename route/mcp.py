@@ -7,7 +7,7 @@ For a batch of questions, each step runs batched across all of them through gene
   2. TS  text-to-SQL on the pruned schema.
   3. NC  noise correction: the SQL is run; the model sees the question, the SQL and the execution result
          (or error) and says `correct` or gives a fix. A fix is accepted only if it executes.
-  4. CW  continuation writing: SQL that fails, or joins three or more tables, is rewritten from `SELECT `;
+  4. CW  continuation writing: SQL that fails, or joins three or more tables, is rewritten from `SELECT`;
          the completion is accepted only if it executes and returns rows.
 NC and CW see the full schema: it keeps them robust to pruning mistakes, and it is free, since the
 full-schema prefix is already in the KV cache from step 1.
@@ -122,11 +122,12 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, sample_ro
     if "cw" in steps:
         todo = [i for i, (db, tr) in enumerate(zip(dbs, traces))
                 if db.execute(tr.sql, timeout=timeout).error is not None or count_tables(tr.sql) >= 3]
-        items = [(i, full("cw", i, examples[i], partial="SELECT ")) for i in todo]
+        # "SELECT" without its space: training cuts queries at token boundaries the same way (msft.py)
+        items = [(i, full("cw", i, examples[i], partial="SELECT")) for i in todo]
         for (i, _), out in zip(items, ask("cw", items) if items else []):
             tr = traces[i]
             tr.cw_answer = out
-            sql = prompts.parse_sql(out, partial="SELECT ")
+            sql = prompts.parse_sql(out, partial="SELECT")
             res = dbs[i].execute(sql, timeout=timeout)
             if res.error is None and res.rows:
                 tr.cw, tr.sql = "used", sql

@@ -94,16 +94,26 @@ def describe_execution(result) -> str:
         (f": {shown}{more}" if rows else " (empty result)")
 
 
-def build(tok, task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False,
-          sql: str = "", execution: str = "", partial: str = "") -> tuple[str, str, str]:
-    """Render one task prompt with the model's chat format, cut into its three cache parts."""
+def messages(task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False, sql: str = "",
+             execution: str = "", partial: str = "") -> tuple[list[dict], str]:
+    """The chat messages of one task prompt, and the text that opens the assistant's answer."""
     inputs = question_block(question, evidence)
     if task == "nc":
         inputs += f"\n### SQL: {sql.strip()}\n### Execution: {execution}"
+    user = f"{schema}\n\n{instructions(task, fewshot)}\n\n{inputs}"
+    answer_start = {"ts": "```sql\n", "sl": "```json\n", "nc": "", "cw": f"```sql\n{partial}"}[task]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], answer_start
+
+
+def render(tok, msgs: list[dict], answer_start: str) -> str:
+    return tok.chat(msgs) + answer_start
+
+
+def build(tok, task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False,
+          **inputs) -> tuple[str, str, str]:
+    """Render one task prompt with the model's chat format, cut into its three cache parts."""
+    text = render(tok, *messages(task, schema, question, evidence, fewshot, **inputs))
     task_text = instructions(task, fewshot)
-    user = f"{schema}\n\n{task_text}\n\n{inputs}"
-    text = tok.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
-    text += {"ts": "```sql\n", "sl": "```json\n", "nc": "", "cw": f"```sql\n{partial}"}[task]
     cut1 = text.index(schema) + len(schema)
     cut2 = text.index(task_text, cut1) + len(task_text)
     return text[:cut1], text[cut1:cut2], text[cut2:]

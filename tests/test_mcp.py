@@ -46,7 +46,7 @@ SCRIPT = {
         "sl": '{"singer": ["id"]}', "ts": "SELECT count(*) FROM singer", "nc": "correct"},
     "List the singer names.": {  # TS fails, NC's fix fails too (rejected), CW rescues it
         "sl": '{"singer": ["name"]}', "ts": "SELECT nme FROM singer",
-        "nc": "incorrect\n```sql\nSELECT nam FROM singer\n```", "cw": "name FROM singer```"},
+        "nc": "incorrect\n```sql\nSELECT nam FROM singer\n```", "cw": " name FROM singer```"},
     "Which singers are from France?": {  # SL names no join key: pruning must add it
         "sl": '{"singer": ["name"], "country": ["name"]}',
         "ts": "SELECT T1.name FROM singer AS T1 JOIN country AS T2 ON T1.country_id = T2.id "
@@ -58,7 +58,7 @@ SCRIPT = {
         "sl": '{"concert": ["id"]}',
         "ts": "SELECT T1.id FROM concert AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id JOIN country AS T3 "
               "ON T2.country_id = T3.id WHERE T3.name = 'Peru'",
-        "nc": "correct", "cw": "id FROM concert WHERE year > 3000```"},
+        "nc": "correct", "cw": " id FROM concert WHERE year > 3000```"},
 }
 TASKS = {"### Task: text-to-SQL": "ts", "### Task: schema linking": "sl", "### Task: noise correction": "nc",
          "### Task: continuation writing": "cw"}
@@ -143,7 +143,7 @@ def test_parsers_survive_garbage(db_path):
     assert prompts.parse_verdict("Correct.") == (True, "")
     assert prompts.parse_verdict("incorrect\n```sql\nSELECT 1\n```") == (False, "SELECT 1")
     assert prompts.parse_verdict(None) == (False, "")
-    assert prompts.parse_sql("name FROM singer\n```", partial="SELECT ") == "SELECT name FROM singer"
+    assert prompts.parse_sql(" name FROM singer\n```", partial="SELECT") == "SELECT name FROM singer"
     assert prompts.parse_sql("") == ""
 
 

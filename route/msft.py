@@ -1,0 +1,237 @@
+"""Building the MSFT training data (paper Sec. 3.2): four synthetic tasks from a Text-to-SQL training set.
+
+For every training question whose gold SQL runs:
+  TS  schema (+ sample rows) + question -> gold SQL. Half of them see a pruned schema (the gold's tables and
+      columns plus random distractors), as TS does inside the MCP chain after schema linking.
+  SL  the same input -> JSON of the tables and columns the gold uses (sqlglot analysis).
+  NC  question + a candidate SQL + its execution result -> "correct", or "incorrect" + the gold. Candidates are
+      the gold re-written by sqlglot (correct) or the gold with one deterministic edit (another column, table,
+      aggregate, comparison, ORDER BY direction or LIMIT; a condition, DISTINCT or GROUP BY dropped). Labels
+      come from execution, never from the edit: an edit that returns the gold's result is "correct".
+  CW  the gold cut at a clause boundary -> the rest of it.
+The prompts are the templates of prompts.py, stored as chat messages so any chat format can render them.
+
+    python -m route.msft --data ../shared/data/spider --out data/msft [--limit 2000] [--seed 0]
+"""
+import argparse
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+from sqlglot import exp
+
+from . import prompts
+from .database import open_database
+from .datasets import load_dataset
+from .evaluate import results_match
+from .sql import clause_prefixes, order_matters, parse, used_schema
+
+TASKS = ("ts", "sl", "nc", "cw")
+
+
+def _record(task, ex, schema, answer, **inputs) -> dict:
+    msgs, start = prompts.messages(task, schema, ex.question, ex.evidence, **inputs)
+    return {"task": task, "db_id": ex.db_id, "messages": msgs, "answer_start": start,
+            "target": prompts.target(task, answer)}
+
+
+# -- noisy SQL for noise correction ------------------------------------------------------------------------
+
+_FLIP = {exp.GT: exp.LT, exp.LT: exp.GT, exp.GTE: exp.LTE, exp.LTE: exp.GTE, exp.EQ: exp.NEQ, exp.NEQ: exp.EQ}
+_AGGS = (exp.Max, exp.Min, exp.Avg, exp.Sum)
+
+
+def _edit(tree: exp.Expression, kind: str, db, rng: random.Random) -> exp.Expression | None:
+    """One deterministic edit of a copy of the gold tree; None when `kind` does not apply to it."""
+    t = tree.copy()
+    sel = t if isinstance(t, exp.Select) else t.find(exp.Select)
+    if sel is None:
+        return None
+    if kind == "column":
+        cols = [c for c in sel.expressions if isinstance(c, exp.Column)]
+        tables = [tb for tb in (db.table(x.name) for x in t.find_all(exp.Table)) if tb is not None]
+        others = [c.name for tb in tables for c in tb.columns]
+        if not cols or not others:
+            return None
+        col = rng.choice(cols)
+        choices = [o for o in others if o.lower() != col.name.lower()]
+        if not choices:
+            return None
+        col.set("this", exp.to_identifier(rng.choice(choices)))
+    elif kind == "table":
+        used = list(t.find_all(exp.Table))
+        others = [tb.name for tb in db.tables if tb.name.lower() not in {u.name.lower() for u in used}]
+        if len(used) < 2 or not others:
+            return None
+        rng.choice(used).set("this", exp.to_identifier(rng.choice(others)))
+    elif kind == "drop_condition":
+        where = sel.args.get("where")
+        if where is None:
+            return None
+        if isinstance(where.this, exp.And) and rng.random() < 0.5:
+            where.set("this", rng.choice([where.this.this, where.this.expression]))
+        else:
+            sel.set("where", None)
+    elif kind == "comparison":
+        comps = [c for c in sel.find_all(*_FLIP)]
+        if not comps:
+            return None
+        c = rng.choice(comps)
+        c.replace(_FLIP[type(c)](this=c.this, expression=c.expression))
+    elif kind == "aggregate":
+        aggs = [a for a in sel.find_all(*_AGGS)]
+        if not aggs:
+            return None
+        a = rng.choice(aggs)
+        a.replace(rng.choice([k for k in _AGGS if k is not type(a)])(this=a.this))
+    elif kind == "order":
+        order = t.args.get("order")
+        if order is None:
+            return None
+        o = rng.choice(order.expressions)
+        o.set("desc", not o.args.get("desc"))
+    elif kind == "limit":
+        limit = t.args.get("limit")
+        if limit is None:
+            return None
+        t.set("limit", None) if rng.random() < 0.5 else limit.set("expression", exp.Literal.number(rng.choice([2, 3, 5])))
+    elif kind == "distinct":
+        if not sel.args.get("distinct"):
+            return None
+        sel.set("distinct", None)
+    elif kind == "group":
+        if sel.args.get("group") is None:
+            return None
+        sel.set("group", None)
+    return t
+
+
+EDITS = ("column", "table", "drop_condition", "comparison", "aggregate", "order", "limit", "distinct", "group")
+
+
+def nc_candidate(gold: str, tree, db, rng: random.Random, correct_share: float) -> tuple[str, str] | None:
+    """(candidate SQL, its kind); "rewrite" is the gold re-written by sqlglot, else the name of an edit."""
+    if rng.random() < correct_share:
+        return tree.sql(dialect="sqlite"), "rewrite"
+    kinds = list(EDITS)
+    rng.shuffle(kinds)
+    for kind in kinds:
+        edited = _edit(tree, kind, db, rng)
+        if edited is not None:
+            return edited.sql(dialect="sqlite"), kind
+    return None
+
+
+def _noisy_keep(keep: dict[str, set[str]], db, rng: random.Random) -> dict[str, set[str]]:
+    """The gold's tables/columns plus distractors, like a schema-linking answer that over-selects."""
+    out = {t: set(c) for t, c in keep.items()}
+    for t in list(out):
+        extra = [c.name for c in db.table(t).columns if c.name not in out[t]]
+        out[t] |= set(rng.sample(extra, min(len(extra), rng.randint(0, 3))))
+    others = [tb for tb in db.tables if tb.name not in out]
+    if others and rng.random() < 0.5:
+        tb = rng.choice(others)
+        out[tb.name] = {c.name for c in rng.sample(tb.columns, min(len(tb.columns), 2))}
+    return out
+
+
+def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, nc_correct_share: float = 0.4,
+                   timeout: float = 5.0) -> tuple[list[dict], Counter]:
+    """The MSFT records for `examples` (route.datasets.Example), and counts of what was made and dropped."""
+    rng = random.Random(seed)
+    records, counts = [], Counter()
+    for ex in examples:
+        db = open_database(ex.db_path)
+        gold_run = db.execute(ex.gold_sql, timeout=timeout)
+        if gold_run.error:
+            counts["dropped: gold does not execute"] += 1
+            continue
+        tree = parse(ex.gold_sql)
+        schema = db.schema_prompt(sample_rows=sample_rows)
+        keep = used_schema(ex.gold_sql, db)
+        if "ts" in tasks:
+            pruned = tree is not None and keep and rng.random() < 0.5
+            ts_schema = db.schema_prompt(keep=_noisy_keep(keep, db, rng), sample_rows=sample_rows) if pruned else schema
+            records.append(_record("ts", ex, ts_schema, ex.gold_sql))
+            counts["ts (pruned schema)" if pruned else "ts"] += 1
+        if "sl" in tasks:
+            if keep:
+                records.append(_record("sl", ex, schema, keep))
+                counts["sl"] += 1
+            else:
+                counts["dropped sl: gold not analysable"] += 1
+        if "nc" in tasks:
+            cand = nc_candidate(ex.gold_sql, tree, db, rng, nc_correct_share) if tree is not None else None
+            if cand is None:
+                counts["dropped nc: no edit applies"] += 1
+            else:
+                sql, kind = cand
+                run = db.execute(sql, timeout=timeout)
+                same = run.error is None and results_match(run.rows, gold_run.rows, order_matters(ex.gold_sql))
+                if kind == "rewrite" and not same:
+                    counts["dropped nc: sqlglot rewrite changed the result"] += 1
+                else:
+                    records.append(_record("nc", ex, schema, None if same else ex.gold_sql, sql=sql,
+                                           execution=prompts.describe_execution(run)))
+                    counts[f"nc {'correct' if same else 'incorrect'}"] += 1
+                    counts[f"  nc candidates from {kind}"] += 1
+        if "cw" in tasks:
+            cuts = clause_prefixes(ex.gold_sql)
+            if cuts:
+                cut = rng.choice(cuts)
+                rest = ex.gold_sql.strip().rstrip(";").rstrip()[len(cut):]
+                records.append(_record("cw", ex, schema, rest, partial=cut))
+                counts["cw"] += 1
+            else:
+                counts["dropped cw: no clause boundary"] += 1
+    rng.shuffle(records)  # tasks mixed
+    return records, counts
+
+
+def write_jsonl(records, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # atomic: a half-written file is never taken for data
+
+
+def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, seed: int = 0,
+          limit: int | None = None, val_share: float = 0.02, **kw) -> dict:
+    """Build train.jsonl and val.jsonl (a held-out share of the *questions*) in `out`; returns the counts."""
+    ds = load_dataset(data, split)
+    examples = list(ds.examples)
+    random.Random(seed).shuffle(examples)
+    if limit:
+        examples = examples[:limit]
+    n_val = max(1, int(len(examples) * val_share)) if val_share > 0 else 0
+    out = Path(out)
+    counts = Counter({"skipped: database missing": ds.skipped})
+    for name, part in (("val", examples[:n_val]), ("train", examples[n_val:])):
+        records, c = build_examples(part, tasks, seed, **kw)
+        write_jsonl(records, out / f"{name}.jsonl")
+        counts.update({f"{name} {k}" if name == "val" else k: v for k, v in c.items()})
+        counts[f"{name} records"] = len(records)
+    return dict(counts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Build ROUTE's multitask (MSFT) training data.")
+    ap.add_argument("--data", required=True, help="Spider or BIRD root")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--out", default="data/msft")
+    ap.add_argument("--tasks", default="all", help="all, or a comma list of ts,sl,nc,cw")
+    ap.add_argument("--limit", type=int, default=None, help="use only N questions (a seeded random subset)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-rows", type=int, default=3)
+    args = ap.parse_args(argv)
+    tasks = TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
+    counts = build(args.data, args.out, args.split, tasks, args.seed, args.limit, sample_rows=args.sample_rows)
+    for k in sorted(counts, key=lambda k: (k.startswith("val"), k.strip())):
+        print(f"{k:48}{counts[k]:>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,8 +13,8 @@ on the answer only. The caller builds the mixed list of examples ({"input_ids": 
 2. Loss. Cross-entropy over answer tokens, summed and divided by the step's global answer-token count. Any
    split of a step into micro-batches, accumulation rounds or processes then yields the same gradient as one
    big batch (what the two-process test checks). The output head runs on answer positions only: prompts are
-   long (schema + rows) and answers short, and a 150k-vocabulary head over every position would be a quarter
-   of the model's FLOPs and its largest activation.
+   long (schema + rows) and answers short, and a 150k-vocabulary head over every position would cost over a
+   quarter of Qwen2.5-0.5B's FLOPs and its largest activation (fp32 logits: 600 KB per token).
 3. Step. Mixed precision (bf16 where the hardware does it fast, fp32 master weights), gradient clipping, AdamW,
    warmup then cosine decay. Dropout randomness is seeded per (step, micro-batch), so results depend neither
    on the process count nor on interruptions.
@@ -116,12 +116,11 @@ def pack(order: list[int], lengths: list[int], batch_tokens: int) -> list[list[i
     """Cut `order` (sorted by length) into consecutive batches with rows * longest row <= batch_tokens."""
     batches, batch, longest = [], [], 0
     for i in order:
-        L = max(longest, lengths[i])
-        if batch and L * (len(batch) + 1) > batch_tokens:
+        if batch and max(longest, lengths[i]) * (len(batch) + 1) > batch_tokens:
             batches.append(batch)
-            batch, L = [], lengths[i]
+            batch, longest = [], 0
         batch.append(i)
-        longest = L
+        longest = max(longest, lengths[i])
     if batch:
         batches.append(batch)
     return batches
@@ -222,14 +221,14 @@ def _cpu_flags() -> set[str]:
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """bf16 where the hardware has fast bf16 matmuls, fp32 otherwise.
 
-    CUDA: bf16 from Ampere on. CPU: bf16 with AMX or AVX512-BF16 (on this project's AVX512-BF16 EPYC, a bf16
+    CUDA: bf16 from Ampere on (older GPUs would emulate it; fp16 is not offered: it needs loss scaling). CPU: bf16 with AMX or AVX512-BF16 (on this project's AVX512-BF16 EPYC, a bf16
     GEMM ran ~5x faster than fp32), fp32 elsewhere (bf16 would be emulated and slower).
     """
     if name != "auto":
         return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
                 "float32": torch.float32}[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
     return torch.bfloat16 if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else torch.float32
 
 
@@ -238,12 +237,12 @@ def prepare_model(cfg: TrainConfig) -> Transformer:
     weight trainable in fp32 (master weights; bf16 compute comes from autocast or FSDP's policy)."""
     if not cfg.base_model:
         raise ValueError("TrainConfig.base_model is not set")
-    init_distributed()
+    _, world, _ = init_distributed()
     device = pick_device(cfg.device)
     dtype = compute_dtype(cfg.dtype, device)
     if cfg.full:
         # FSDP shards from CPU memory (fully_shard moves each shard to the device); DDP loads straight there
-        model = load_model(cfg.base_model, torch.float32, "cpu" if cfg.fsdp else device)
+        model = load_model(cfg.base_model, torch.float32, "cpu" if cfg.fsdp and world > 1 else device)
         for p in model.parameters():
             p.requires_grad_(True)
     else:
@@ -461,7 +460,8 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
     """
     rank, world, _ = init_distributed()
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
-    device = next(model.parameters()).device if not cfg.fsdp else pick_device(cfg.device)
+    sharded = cfg.fsdp and world > 1
+    device = pick_device(cfg.device) if sharded else next(model.parameters()).device
     dtype = compute_dtype(cfg.dtype, device)
     core = model
     if any(m.merged for m in lora_modules(core).values()):
@@ -525,6 +525,8 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
                                                        cfg.clip if cfg.clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
+            if not torch.isfinite(grad_norm):  # the same on every rank: all stop, the last checkpoint is intact
+                raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()} (lower the lr?)")
             lr = lr_at(step, total, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr

@@ -1,0 +1,97 @@
+"""The MSFT data builder: every task's target is right, NC labels agree with execution, CW cuts are prefixes."""
+import json
+import random
+import sqlite3
+
+import pytest
+
+from route import msft, prompts
+from route.database import open_database
+from route.datasets import Example
+from route.evaluate import results_match
+from route.sql import order_matters, parse, used_schema
+
+GOLDS = [
+    "SELECT count(*) FROM singer",
+    "SELECT name FROM singer WHERE age > 28 ORDER BY age DESC",
+    "SELECT T2.name, count(*) FROM singer AS T1 JOIN country AS T2 ON T1.country_id = T2.id GROUP BY T2.name",
+    "SELECT DISTINCT country_id FROM singer",
+    "SELECT max(age), min(age) FROM singer",
+    "SELECT name FROM singer ORDER BY age LIMIT 1",
+    "SELECT name FROM singer WHERE age > 20 AND country_id = 1",
+    "SELECT nme FROM singer",  # does not execute: dropped, counted
+]
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    path = tmp_path_factory.mktemp("db") / "music.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE country (id INTEGER PRIMARY KEY, name TEXT);
+        CREATE TABLE singer (id INTEGER PRIMARY KEY, name TEXT, age INTEGER, country_id INTEGER,
+                             FOREIGN KEY (country_id) REFERENCES country(id));
+        INSERT INTO country VALUES (1, 'France'), (2, 'Peru'), (3, 'Chad');
+        INSERT INTO singer VALUES (1, 'Ana', 30, 1), (2, 'Bo', 41, 2), (3, 'Cy', 25, 1), (4, 'Di', 29, 3);
+    """)
+    con.commit()
+    con.close()
+    return [Example(f"question {i}?", "music", path, gold) for i, gold in enumerate(GOLDS)]
+
+
+def test_targets_and_labels(examples):
+    records, counts = msft.build_examples(examples * 6, seed=1)  # repeats: several edits per gold
+    assert counts["dropped: gold does not execute"] == 6
+    db = open_database(examples[0].db_path)
+    gold_of = {e.question: e.gold_sql for e in examples}
+    seen = set()
+    for r in records:
+        seen.add(r["task"])
+        question = r["messages"][1]["content"].split("### Question: ")[1].split("\n")[0]
+        gold = gold_of[question]
+        if r["task"] == "ts":
+            assert r["target"] == gold + "\n```" and r["answer_start"] == "```sql\n"
+        elif r["task"] == "sl":
+            assert json.loads(r["target"].removesuffix("\n```")) == {t: sorted(c) for t, c in used_schema(gold, db).items()}
+        elif r["task"] == "cw":
+            partial = r["answer_start"].removeprefix("```sql\n")
+            assert partial and gold.startswith(partial) and partial + r["target"].removesuffix("\n```") == gold
+        elif r["task"] == "nc":
+            cand = r["messages"][1]["content"].split("### SQL: ")[1].split("\n### Execution:")[0]
+            run, gold_run = db.execute(cand), db.execute(gold)
+            same = run.error is None and results_match(run.rows, gold_run.rows, order_matters(gold))
+            assert r["target"] == ("correct" if same else f"incorrect\n```sql\n{gold}\n```")  # label = execution
+            assert r["messages"][1]["content"].endswith(prompts.describe_execution(run))
+    assert seen == set(msft.TASKS)
+    assert counts["nc correct"] and counts["nc incorrect"]
+    assert sum(v for k, v in counts.items() if k.strip().startswith("nc candidates from")) == \
+        counts["nc correct"] + counts["nc incorrect"]
+
+
+def test_edits_change_what_they_say(examples):
+    db = open_database(examples[0].db_path)
+    rng = random.Random(0)
+    tree = parse(GOLDS[1])
+    assert "DESC" not in msft._edit(tree, "order", db, rng).sql()  # the gold orders DESC
+    assert "<" in msft._edit(tree, "comparison", db, rng).sql()
+    assert "WHERE" not in msft._edit(tree, "drop_condition", db, rng).sql()
+    assert msft._edit(tree, "group", db, rng) is None  # no GROUP BY to drop
+    assert "DISTINCT" not in msft._edit(parse(GOLDS[3]), "distinct", db, rng).sql()
+    agg = msft._edit(parse(GOLDS[4]), "aggregate", db, rng).sql()
+    assert agg != parse(GOLDS[4]).sql()
+
+
+def test_deterministic_and_written_atomically(examples, tmp_path):
+    a, _ = msft.build_examples(examples, seed=3)
+    b, _ = msft.build_examples(examples, seed=3)
+    assert a == b
+    msft.write_jsonl(a, tmp_path / "train.jsonl")
+    assert [json.loads(x) for x in open(tmp_path / "train.jsonl")] == a
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_build_from_spider(spider, tmp_path):
+    counts = msft.build(spider, tmp_path, limit=60, seed=0)
+    assert counts["skipped: database missing"] > 0  # soccer_1 / baseball_1 are absent from this copy
+    n = sum(1 for _ in open(tmp_path / "train.jsonl"))
+    assert n == counts["train records"] and n > 150

@@ -1,0 +1,87 @@
+"""Multitask fine-tuning (MSFT) from the command line.
+
+    python train.py --tasks all                   # LoRA on the default model, Spider train, this repo's recipe
+    python train.py --tasks ts,sl --limit 500 --epochs 1 --out runs/small
+    torchrun --nproc_per_node 4 train.py --tasks all --full --data /data/spider
+
+Flow: build the MSFT data if missing (route.msft: four tasks as chat messages) -> render and tokenize each
+record with the model's chat format (prompt tokens get no loss) -> route.trainer.train (LoRA or full,
+mixed precision, checkpoints, torchrun) -> out/adapter (PEFT format) or out/model (HF format).
+"""
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SPIDER = ROOT.parent / "shared" / "data" / "spider"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default="all", help="all, or a comma list of ts,sl,nc,cw")
+    ap.add_argument("--model", default=None, help="HF-format directory or .gguf (default: Qwen2.5-Coder-0.5B)")
+    ap.add_argument("--data", default=str(SPIDER), help="Spider or BIRD root with its training split")
+    ap.add_argument("--msft", default=None, help="MSFT data directory (default: data/msft/<seed>-<limit>)")
+    ap.add_argument("--limit", type=int, default=1200, help="training questions used (each gives up to 4 records)")
+    ap.add_argument("--out", default="runs/route", help="checkpoints, metrics and the result go here")
+    ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--max-len", type=int, default=2048, help="longer examples are dropped, never cut")
+    ap.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--save-every", type=int, default=25)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    return ap.parse_args(argv)
+
+
+def load_records(path: Path, tasks) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["task"] in tasks]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from route import hub, msft, prompts
+    from route.tokenizer import Tokenizer
+    from route.trainer import TrainConfig, prepare_model, tokenize_example, train
+
+    tasks = msft.TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
+    if set(tasks) - set(msft.TASKS):
+        raise SystemExit(f"error: unknown tasks {sorted(set(tasks) - set(msft.TASKS))}; choose from ts,sl,nc,cw")
+    data_dir = Path(args.msft or ROOT / "data" / "msft" / f"seed{args.seed}-limit{args.limit}")
+    if not (data_dir / "train.jsonl").exists():
+        print(f"building MSFT data from {args.data} into {data_dir}")
+        counts = msft.build(args.data, data_dir, seed=args.seed, limit=args.limit)
+        print("\n".join(f"  {k:46}{v:>7}" for k, v in sorted(counts.items())))
+
+    model_dir = hub.resolve_model(args.model)
+    tok = Tokenizer.from_dir(model_dir)
+
+    def tokenized(name):
+        records = load_records(data_dir / f"{name}.jsonl", tasks)
+        return [tokenize_example(tok, prompts.render(tok, r["messages"], r["answer_start"]), r["target"])
+                for r in records]
+
+    train_set, val_set = tokenized("train"), tokenized("val")
+    print(f"{len(train_set)} training and {len(val_set)} held-out examples, tasks {','.join(tasks)}, "
+          f"{sum(len(e['input_ids']) for e in train_set) / max(1, len(train_set)):.0f} tokens on average")
+    cfg = TrainConfig(out_dir=args.out, base_model=str(model_dir), full=args.full, lora_r=args.rank,
+                      lora_alpha=args.alpha, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+                      batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, max_len=args.max_len,
+                      checkpointing=args.checkpointing, eval_every=args.eval_every, save_every=args.save_every,
+                      resume=args.resume, seed=args.seed, dtype=args.dtype)
+    model = prepare_model(cfg)
+    train(model, train_set, cfg, val_set)
+    print(f"done: {Path(args.out) / ('model' if args.full else 'adapter')}")
+
+
+if __name__ == "__main__":
+    main()

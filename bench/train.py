@@ -2,12 +2,13 @@
 
     python bench/train.py                       # Qwen2.5-0.5B-shaped random checkpoint at /tmp/q05 (made if absent)
     python bench/train.py --layers 2 --steps 3  # a quick smoke run on a 2-layer model of the same width
+    python bench/train.py --full                # full fine-tuning (fp32 master weights, bf16 autocast) on both
 
-Both sides train LoRA (same rank, alpha, dropout, targets) with AdamW and gradient clipping on the same
-right-padded micro-batches (route's length-grouped plan), bf16 weights with fp32 adapters under bf16 autocast
-(as the HF Trainer's bf16=True does). The reference gets its fastest settings: no attention mask (plain causal
-attention, exact with right padding and -100 labels), SDPA attention. The data mimic ROUTE's: long prompts
-(schema + rows, random tokens here) and short answers.
+Both sides train LoRA (same rank, alpha, dropout, targets), or with --full every weight, with AdamW and
+gradient clipping on the same right-padded micro-batches (route's length-grouped plan): bf16 weights with fp32
+adapters (full: fp32 weights) under bf16 autocast, as the HF Trainer's bf16=True does. The reference gets
+its fastest settings: SDPA attention and no attention mask (plain causal attention, exact with right padding
+and -100 labels). The data mimic ROUTE's: long prompts (schema + rows; random tokens here), short answers.
 
 MFU convention (both sides): 4N FLOPs per token for LoRA (6N for full), N = weights of the transformer blocks
 (no embeddings, output head, attention scores or recomputation), against the peak of route.trainer.peak_flops:
@@ -59,9 +60,12 @@ def run_reference(path, examples, steps, args, dtype, device):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                                             target_modules=list(ALL_TARGETS), task_type="CAUSAL_LM")).train()
+    weights = torch.float32 if args.full else dtype  # full: fp32 master weights, like ours
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=weights, attn_implementation="sdpa").to(device)
+    if not args.full:
+        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                                 target_modules=list(ALL_TARGETS), task_type="CAUSAL_LM"))
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     times, losses = [], []
@@ -81,7 +85,7 @@ def run_reference(path, examples, steps, args, dtype, device):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(total)
-        print(f"  transformers+peft step {len(times)}: {times[-1]:.2f} s, loss {total:.4f}", flush=True)
+        print(f"  reference step {len(times)}: {times[-1]:.2f} s, loss {total:.4f}", flush=True)
     return times, losses
 
 
@@ -95,6 +99,7 @@ def main():
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(300, 900))
     ap.add_argument("--answer-len", type=int, nargs=2, default=(20, 80))
+    ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--dropout", type=float, default=0.0)
@@ -112,7 +117,7 @@ def main():
     lengths = [len(e["input_ids"]) for e in examples]
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(out_dir=out, base_model=str(path), lora_r=args.r, lora_alpha=args.alpha,
+        cfg = TrainConfig(out_dir=out, base_model=str(path), full=args.full, lora_r=args.r, lora_alpha=args.alpha,
                           lora_dropout=args.dropout, max_steps=args.steps, batch_tokens=args.batch_tokens,
                           grad_accum=args.grad_accum, lr=1e-4, warmup=0, dtype=args.dtype, save_every=0,
                           progress=False, device=args.device)
@@ -122,7 +127,7 @@ def main():
         print(f"{path}: {args.steps} steps of {args.grad_accum} x <= {args.batch_tokens} padded tokens, "
               f"{str(dtype).removeprefix('torch.')} on {device}, {torch.get_num_threads()} CPU threads", flush=True)
         model = prepare_model(cfg)
-        fpt = flops_per_token(model, full=False)
+        fpt = flops_per_token(model, full=args.full)
         history = train(model, examples, cfg)
         for h in history:
             print(f"  route step {h['step']}: {h['tokens'] / h['tokens_per_s']:.2f} s, loss {h['loss']:.4f}",
@@ -137,15 +142,18 @@ def main():
     ours = sum(tokens[timed]) / sum(h["tokens"] / h["tokens_per_s"] for h in history[timed])
     theirs = sum(tokens[timed]) / sum(ref_times[timed])
     peak, src = peak_flops(device, dtype)
-    res = {"model": str(path), "steps_timed": len(tokens[timed]), "tokens_timed": sum(tokens[timed]),
+    res = {"model": str(path), "mode": "full" if args.full else "lora", "steps_timed": len(tokens[timed]),
+           "tokens_timed": sum(tokens[timed]),
            "route_tokens_per_s": ours, "reference_tokens_per_s": theirs, "speedup": ours / theirs,
            "route_mfu": ours * fpt / peak, "reference_mfu": theirs * fpt / peak,
            "flops_per_token": fpt, "peak_flops": peak, "peak_source": src,
            "first_loss": {"route": history[0]["loss"], "reference": ref_losses[0]}}
-    print(f"\nroute:             {ours:8.1f} tokens/s   MFU {res['route_mfu']:.1%}")
-    print(f"transformers+peft: {theirs:8.1f} tokens/s   MFU {res['reference_mfu']:.1%}")
-    print(f"speedup {res['speedup']:.2f}x (target >= 1.2x); MFU = 4N = {fpt / 1e9:.2f} GFLOP per token "
-          f"(N = block weights) over {peak / 1e12:.2f} TFLOP/s ({src})")
+    print(f"\n{'full fine-tuning' if args.full else 'LoRA'}, {res['steps_timed']} timed steps")
+    print(f"{'route':18} {ours:8.1f} tokens/s   MFU {res['route_mfu']:.1%}")
+    print(f"{'transformers' if args.full else 'transformers+peft':18} {theirs:8.1f} tokens/s   "
+          f"MFU {res['reference_mfu']:.1%}")
+    print(f"speedup {res['speedup']:.2f}x (target >= 1.2x); MFU = {'6N' if args.full else '4N'} = "
+          f"{fpt / 1e9:.2f} GFLOP per token (N = block weights) over {peak / 1e12:.2f} TFLOP/s ({src})")
     print(f"first-step loss: route {history[0]['loss']:.4f}, reference {ref_losses[0]:.4f} (same data, same start)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -221,9 +221,9 @@ def _cpu_flags() -> set[str]:
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """bf16 where the hardware has fast bf16 matmuls, fp32 otherwise.
 
-    CUDA: bf16 from Ampere on (older GPUs would emulate it; fp16 is not offered: it needs loss scaling). CPU: bf16 with AMX or AVX512-BF16 (on this project's AVX512-BF16 EPYC a bf16
-    GEMM runs ~4x faster than fp32: 0.9 against 0.2 TFLOP/s on 2 cores), fp32 elsewhere (bf16 would be
-    emulated, and slower).
+    CUDA: bf16 from Ampere on (older GPUs would emulate it; fp16 is not offered: it needs loss scaling).
+    CPU: bf16 with AMX or AVX512-BF16 (on this project's AVX512-BF16 EPYC a bf16 GEMM runs ~4x faster than
+    fp32: 0.9 against 0.2 TFLOP/s on 2 cores), fp32 elsewhere (bf16 would be emulated, and slower).
     """
     if name != "auto":
         return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,

@@ -76,7 +76,7 @@ class TrainConfig:
     dtype: str = "auto"            # auto | bf16 | fp32 (see compute_dtype)
     device: str = "auto"
     checkpointing: bool = False    # activation checkpointing: recompute each block in backward
-    fsdp: bool = False             # shard full fine-tuning over processes (FSDP2) instead of DDP
+    fsdp: bool | None = None       # FSDP2 instead of DDP; None: FSDP for full fine-tuning under torchrun
     eval_every: int = 0            # steps between held-out losses (0: only at the end)
     save_every: int = 500          # steps between checkpoints (0: only at the end or on interrupt)
     resume: bool = False
@@ -233,6 +233,11 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else torch.float32
 
 
+def sharded(cfg: TrainConfig, world: int) -> bool:
+    """FSDP (explicitly, or by default for full fine-tuning) with more than one process."""
+    return world > 1 and (cfg.fsdp if cfg.fsdp is not None else cfg.full)
+
+
 def prepare_model(cfg: TrainConfig) -> Transformer:
     """Load cfg.base_model for training: LoRA adapters (fp32) on a frozen model in the compute dtype, or every
     weight trainable in fp32 (master weights; bf16 compute comes from autocast or FSDP's policy)."""
@@ -243,7 +248,7 @@ def prepare_model(cfg: TrainConfig) -> Transformer:
     dtype = compute_dtype(cfg.dtype, device)
     if cfg.full:
         # FSDP shards from CPU memory (fully_shard moves each shard to the device); DDP loads straight there
-        model = load_model(cfg.base_model, torch.float32, "cpu" if cfg.fsdp and world > 1 else device)
+        model = load_model(cfg.base_model, torch.float32, "cpu" if sharded(cfg, world) else device)
         for p in model.parameters():
             p.requires_grad_(True)
     else:
@@ -397,7 +402,7 @@ def distribute(core: Transformer, cfg: TrainConfig, world: int, device, dtype):
     block by block for compute; bf16 compute and fp32 gradient reduction via its mixed-precision policy)."""
     if world == 1:
         return core
-    if cfg.fsdp:
+    if sharded(cfg, world):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in core.model.layers:
@@ -429,9 +434,9 @@ def accumulate(model, core, examples, mine: list[list[int]], count: int, cfg: Tr
         tokens, labels = collate(examples, idx, device)
         last = k == len(mine) - 1
         # accumulate locally; gradients are exchanged once, after the step's last micro-batch
-        if world > 1 and cfg.fsdp:
+        if sharded(cfg, world):
             model.set_requires_gradient_sync(last)
-        with model.no_sync() if world > 1 and not cfg.fsdp and not last else nullcontext():
+        with model.no_sync() if world > 1 and not sharded(cfg, world) and not last else nullcontext():
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
                 s, _ = answer_loss(model, core, tokens, labels)
             (s * (world / count)).backward()  # DDP and FSDP average over processes: * world makes it a sum
@@ -461,8 +466,7 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
     """
     rank, world, _ = init_distributed()
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
-    sharded = cfg.fsdp and world > 1
-    device = pick_device(cfg.device) if sharded else next(model.parameters()).device
+    device = pick_device(cfg.device) if sharded(cfg, world) else next(model.parameters()).device
     dtype = compute_dtype(cfg.dtype, device)
     core = model
     if any(m.merged for m in lora_modules(core).values()):
@@ -473,6 +477,8 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
     full = not lora_modules(core)
     if cfg.fsdp and not full:
         raise ValueError("fsdp is for full fine-tuning; LoRA runs under DDP")
+    if cfg.full != full:
+        raise ValueError(f"TrainConfig.full={cfg.full} but the model {'has' if not full else 'has no'} LoRA adapters")
     out = Path(cfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -154,14 +154,12 @@ def _torchrun(tiny, out, *args):
     return json.loads((out / "history.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["lora", "fsdp"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
 def test_two_processes_equal_one(tiny, tmp_path, mode):
     """torchrun with 2 gloo processes x 1 micro-batch = 1 process x 2 accumulated micro-batches: the same
-    global batches, losses and weights (DDP for LoRA, FSDP for full fine-tuning)."""
-    extra = ["fsdp=1"] if mode == "fsdp" else []
-    full = "full" if mode == "fsdp" else "lora"
-    two = _torchrun(tiny, tmp_path / "two", full, "grad_accum=1", *extra)
-    one = run(tiny, tmp_path / "one", full, grad_accum=2)
+    global batches, losses and weights (DDP for LoRA, FSDP by default for full fine-tuning)."""
+    two = _torchrun(tiny, tmp_path / "two", mode, "grad_accum=1")
+    one = run(tiny, tmp_path / "one", mode, grad_accum=2)
     assert len(two) == len(one) == 4
     for a, b in zip(one, two):
         assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 1e-5, (a, b)

@@ -64,6 +64,7 @@ def load_examples(args):
 def load_engine(args):
     """Model + tokenizer (+ adapter); returns whether a fine-tuned adapter is active."""
     from route import hub
+    from route.model import pack_linears
     from route.tokenizer import Tokenizer
     from route.weights import load_model
 
@@ -77,6 +78,7 @@ def load_engine(args):
         load_adapter(model, adapter)
         merge_lora(model)  # inference needs no separate LoRA matmuls
         print(f"adapter: {adapter}")
+    pack_linears(model)  # CPU bf16: weights laid out once for oneDNN (a no-op elsewhere)
     return model, Tokenizer.from_dir(path), adapter is not None
 
 

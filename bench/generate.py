@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from route.generate import generate  # noqa: E402
+from route.model import pack_linears  # noqa: E402
 from route.tokenizer import Tokenizer  # noqa: E402
 from route.weights import load_model  # noqa: E402
 
@@ -73,13 +74,14 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     torch.manual_seed(0)
     ours = load_model(path, dtype=dtype)
+    n_params = sum(p.numel() for p in ours.parameters())
+    weight_bytes = n_params * ours.model.embed_tokens.weight.element_size()
+    packed = pack_linears(ours)  # what infer.py does on CPU
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tok = NoEos(Tokenizer.from_dir(path)) if (path / "tokenizer.json").exists() else None
     vocab = ours.config.vocab_size
-    n_params = sum(p.numel() for p in ours.parameters())
-    weight_bytes = n_params * ours.model.embed_tokens.weight.element_size()
     print(f"{path.name}: {n_params / 1e6:.0f}M parameters, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"transformers {transformers.__version__}, torch {torch.__version__}")
+          f"transformers {transformers.__version__}, torch {torch.__version__}, {packed} linear layers packed")
 
     g = torch.Generator().manual_seed(0)
     short = torch.randint(1000, min(vocab, 30000), (args.batch, 32), generator=g)   # decode prompts

@@ -127,10 +127,12 @@ def _split(tok, prompt, reuse: bool) -> tuple[tuple[tuple[int, ...], ...], list[
 
 @torch.inference_mode()
 def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (), batch_tokens: int = 32768,
+             top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (), keep_stop: bool = False,
+             batch_tokens: int = 32768,
              max_batch: int = 64, prefix_cache: PrefixCache | None = None, reuse_prefix: bool = True,
              stats: Stats | None = None, progress: bool = True, desc: str = "generate") -> list[str]:
-    """Complete each prompt; returns the completions (special tokens and stop strings cut) in prompt order.
+    """Complete each prompt; returns the completions (special tokens cut, and stop strings unless keep_stop)
+    in prompt order.
 
     A prompt is a string, or a tuple of strings (or token-id lists) whose token ids are concatenated; each
     part but the last is a cache level, and prompts with the same leading parts share their KV cache
@@ -158,10 +160,10 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
 
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt")
     for batch in batches:
-        _run_batch(model, tok, batch, cache, max_new_tokens, temperature, top_p, gen, stop, st)
+        _run_batch(model, tok, batch, cache, max_new_tokens, temperature, top_p, gen, stop, keep_stop, st)
         bar.update(len(batch))
         dt = time.perf_counter() - t0
-        bar.set_postfix_str(f"prefill {st.prefilled / dt:.0f} tok/s, gen {st.generated / dt:.1f} tok/s")
+        bar.set_postfix_str(f"{st.prefilled / dt:.0f} prompt + {st.generated / dt:.1f} new tok/s")  # wall time
     bar.close()
     st.batches, st.seconds = len(batches), time.perf_counter() - t0
     if stats is not None:
@@ -169,7 +171,8 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
     return [r.text for r in sorted(rows, key=lambda r: r.index)]
 
 
-def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature, top_p, gen, stop, st: Stats):
+def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature, top_p, gen, stop, keep_stop,
+               st: Stats):
     p = next(model.parameters())
     B = len(rows)
     P = max(r.n_prefix for r in rows)
@@ -215,7 +218,7 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature,
                 st.generated += 1
                 if stop and any(s in tok.decode(r.out[-tail:]) for s in stop):
                     text = tok.decode(r.out)
-                    r.text = text[:min(text.find(s) for s in stop if s in text)]
+                    r.text = text[:min(text.find(s) + (len(s) if keep_stop else 0) for s in stop if s in text)]
                 elif step == max_new - 1:
                     r.text = tok.decode(r.out)
             if r.text is not None:

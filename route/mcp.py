@@ -36,6 +36,7 @@ class Trace:
     ts_sql: str = ""
     nc_answer: str = ""
     nc: str = ""        # "correct", "fixed", "fix rejected" or "kept" (no verdict, no usable fix)
+    nc_sql: str = ""    # the SQL after NC (what a chain without CW answers)
     cw_answer: str = ""
     cw: str = ""        # "used", "rejected" or "" (not triggered)
     sql: str = ""       # the final SQL
@@ -69,6 +70,7 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, sample_ro
         t0 = time.perf_counter()
         st = Stats()
         outs = generate_fn(model, tok, [p for _, p in items], max_new_tokens=MAX_NEW[task], stop=prompts.STOP[task],
+                           keep_stop=task == "nc",
                         batch_tokens=batch_tokens, prefix_cache=cache, reuse_prefix=reuse_prefix, stats=st,
                         progress=progress, desc=name or task)
         times[name or task] = times.get(name or task, 0.0) + time.perf_counter() - t0
@@ -117,6 +119,7 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, sample_ro
                     tr.nc = "fix rejected"
             else:
                 tr.nc = "kept"
+            tr.nc_sql = tr.sql
 
     # 4. Continuation writing for SQL that fails or is complex (3+ tables).
     if "cw" in steps:

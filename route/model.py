@@ -216,8 +216,9 @@ class Transformer(nn.Module):
         mask (B, 1, T, S) bool: which of the S = start+T cache slots each new token may attend to; None means
             plain causal attention over these T tokens (training, or one unpadded prompt without a cache).
         cache, start: write the new keys/values at cache slots [start, start+T).
-        logits_for: which positions get logits (e.g. slice(-1, None) in prefill: the lm_head over a 150k
-            vocabulary is the biggest matmul, so never compute it for positions nobody reads).
+        logits_for: which positions get logits: a slice of T (slice(-1, None) in prefill), or a (B, T) bool mask
+            giving (N, vocab) logits for its N True positions (the answer tokens in training). The lm_head over
+            a 150k vocabulary is the biggest matmul: never compute it for positions nobody reads.
         """
         B, T = tokens.shape
         if positions is None:
@@ -233,5 +234,43 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache, i, start)
         if logits_for is not None:
-            x = x[:, logits_for]
+            x = x[logits_for] if isinstance(logits_for, torch.Tensor) else x[:, logits_for]
         return self.lm_head(self.model.norm(x))
+
+
+class PackedLinear(nn.Module):
+    """Inference-only stand-in for nn.Linear on CPU, its bf16 weight laid out once for oneDNN's GEMM.
+
+    A plain bf16 F.linear lets oneDNN re-block the weight on every call; at decode sizes that costs about as
+    much as the matmul. Measured on a 2-core AVX512-BF16 CPU with Qwen2.5-0.5B: batch-1 decode 42 -> 28 ms per
+    token, batch-16 61 -> 41 ms per step, 600-token prefill +12%. (torch.compile with freezing does the same
+    packing, after a minute of compilation.) Uses torch's internal mkldnn ops, hence `pack_linears` checks them.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 16)  # 16: batch-size hint
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap the bf16 CPU linear layers of an inference model for PackedLinear; returns how many.
+
+    Plain nn.Linear and merged LoRA layers (whose forward is then a plain linear) qualify. A no-op where torch
+    lacks the ops (other builds, GPUs): the model stays correct, just slower.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return 0
+    n = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            plain = type(child) is nn.Linear or getattr(child, "merged", False)
+            w = getattr(child, "weight", None)
+            if plain and w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16:
+                setattr(module, name, PackedLinear(child))
+                n += 1
+    return n

@@ -4,7 +4,7 @@ For every training question whose gold SQL runs:
   TS  schema (+ sample rows) + question -> gold SQL. Half of them see a pruned schema (the gold's tables and
       columns plus random distractors), as TS does inside the MCP chain after schema linking.
   SL  the same input -> JSON of the tables and columns the gold uses (sqlglot analysis).
-  NC  question + a candidate SQL + its execution result -> "correct", or "incorrect" + the gold. Candidates are
+  NC  question + a candidate SQL + its execution result -> "correct", or "wrong" + the gold. Candidates are
       the gold re-written by sqlglot (correct) or the gold with one deterministic edit (another column, table,
       aggregate, comparison, ORDER BY direction or LIMIT; a condition, DISTINCT or GROUP BY dropped). Labels
       come from execution, never from the edit: an edit that returns the gold's result is "correct".
@@ -174,7 +174,7 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
                 else:
                     records.append(_record("nc", ex, schema, None if same else ex.gold_sql, sql=sql,
                                            execution=prompts.describe_execution(run)))
-                    counts[f"nc {'correct' if same else 'incorrect'}"] += 1
+                    counts[f"nc {'correct' if same else 'wrong'}"] += 1
                     counts[f"  nc candidates from {kind}"] += 1
         if "cw" in tasks:
             cuts = clause_prefixes(ex.gold_sql)

@@ -2,7 +2,7 @@
 
 TS  text-to-SQL:          schema + question               -> SQL
 SL  schema linking:       schema + question               -> {"table": ["column", ...]}
-NC  noise correction:     schema + question + SQL (+ run) -> "correct", or "incorrect" + fixed SQL
+NC  noise correction:     schema + question + SQL (+ run) -> "correct", or "wrong" + fixed SQL
 CW  continuation writing: schema + question + SQL start   -> the rest of the SQL
 
 The same templates serve the MCP chain (mcp.py) and the training data (msft.py), so a fine-tuned model sees
@@ -33,7 +33,7 @@ INSTRUCTIONS = {
           "list of its columns.",
     "nc": "### Task: noise correction\nA SQLite query was written for the question and run on the database. "
           "Check whether it answers the question correctly. If it does, reply `correct`. Otherwise reply "
-          "`incorrect` followed by the corrected query in a ```sql block.",
+          "`wrong` followed by the corrected query in a ```sql block.",
     "cw": "### Task: continuation writing\nComplete the unfinished SQLite query so that it answers the "
           "question.",
 }
@@ -54,9 +54,9 @@ DEMOS = {
             "SELECT avg(age) FROM head WHERE born_state = 'California'", "1 row: (56.5,)", "correct"),
            ("List the names of departments in descending order of budget.",
             "SELECT Name FROM department ORDER BY Budget_in_Billions", "15 rows: ('State',), ('Treasury',), ...",
-            "incorrect\n```sql\nSELECT Name FROM department ORDER BY Budget_in_Billions DESC\n```"),
+            "wrong\n```sql\nSELECT Name FROM department ORDER BY Budget_in_Billions DESC\n```"),
            ("How many heads are older than 56?", "SELECT count(*) FROM heads WHERE age > 56",
-            "error: no such table: heads", "incorrect\n```sql\nSELECT count(*) FROM head WHERE age > 56\n```")],
+            "error: no such table: heads", "wrong\n```sql\nSELECT count(*) FROM head WHERE age > 56\n```")],
     "cw": [("Which department has the largest budget?", "SELECT Name FROM department",
             " ORDER BY Budget_in_Billions DESC LIMIT 1"),
            ("Show the names of heads who manage a department.", "SELECT DISTINCT T1.name FROM",
@@ -119,7 +119,10 @@ def build(tok, task: str, schema: str, question: str, evidence: str = "", fewsho
     return text[:cut1], text[cut1:cut2], text[cut2:]
 
 
-STOP = {"ts": ("```",), "sl": ("```",), "cw": ("```",), "nc": ("\n```\n",)}
+# Where generation stops. NC keeps its stop string (mcp.py passes keep_stop): "correct\n" ends a verdict that
+# needs nothing more (the verdicts are "correct"/"wrong", so one never contains the other), and a model
+# imitating the few-shot examples would go on with a "Question:" of its own.
+STOP = {"ts": ("```",), "sl": ("```",), "cw": ("```",), "nc": ("correct\n", "Correct\n", "\n```\n", "\nQuestion:")}
 
 
 def target(task: str, answer) -> str:
@@ -129,7 +132,7 @@ def target(task: str, answer) -> str:
     if task == "sl":
         return json.dumps({t: sorted(c) for t, c in answer.items()}) + "\n```"
     if task == "nc":
-        return "correct" if answer is None else f"incorrect\n```sql\n{answer.strip()}\n```"
+        return "correct" if answer is None else f"wrong\n```sql\n{answer.strip()}\n```"
     return f"{answer.rstrip()}\n```"
 
 

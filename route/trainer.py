@@ -172,19 +172,15 @@ def collate(examples: list[dict], idx: list[int], device) -> tuple[torch.Tensor,
     return tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def answer_loss(model, core: Transformer, tokens: torch.Tensor, labels: torch.Tensor):
+def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor):
     """(summed cross-entropy over answer tokens, their count). Position t predicts token t+1.
 
-    The head runs on answer positions only: a forward pre-hook hands lm_head the (N, hidden) rows that have
-    a label instead of all (B, T, hidden). `model` may be a DDP wrapper of `core`.
+    The head runs on answer positions only (logits_for=keep): (N, vocab) logits, not (B, T, vocab).
+    `model` may be a DDP wrapper of `core`.
     """
     inputs, targets = tokens[:, :-1], labels[:, 1:]  # the last token is only ever a target
     keep = targets != IGNORE
-    hook = core.lm_head.register_forward_pre_hook(lambda _, args: (args[0][keep],))
-    try:
-        logits = model(inputs)  # (N, vocab)
-    finally:
-        hook.remove()
+    logits = model(inputs, logits_for=keep)  # (N, vocab)
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
@@ -387,7 +383,7 @@ def evaluate(model, core: Transformer, examples: list[dict], batch_tokens: int, 
     for j in range(rank, math.ceil(len(batches) / world) * world, world):
         tokens, labels = collate(examples, batches[j if j < len(batches) else 0], device)
         with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-            s, n = answer_loss(model, core, tokens, labels)
+            s, n = answer_loss(model, tokens, labels)
         if j < len(batches):
             total += torch.tensor([s.item(), n], dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -438,7 +434,7 @@ def accumulate(model, core, examples, mine: list[list[int]], count: int, cfg: Tr
             model.set_requires_gradient_sync(last)
         with model.no_sync() if world > 1 and not sharded(cfg, world) and not last else nullcontext():
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-                s, _ = answer_loss(model, core, tokens, labels)
+                s, _ = answer_loss(model, tokens, labels)
             (s * (world / count)).backward()  # DDP and FSDP average over processes: * world makes it a sum
         loss_sum += s.detach()
     return loss_sum

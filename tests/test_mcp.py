@@ -46,14 +46,14 @@ SCRIPT = {
         "sl": '{"singer": ["id"]}', "ts": "SELECT count(*) FROM singer", "nc": "correct"},
     "List the singer names.": {  # TS fails, NC's fix fails too (rejected), CW rescues it
         "sl": '{"singer": ["name"]}', "ts": "SELECT nme FROM singer",
-        "nc": "incorrect\n```sql\nSELECT nam FROM singer\n```", "cw": " name FROM singer```"},
+        "nc": "wrong\n```sql\nSELECT nam FROM singer\n```", "cw": " name FROM singer```"},
     "Which singers are from France?": {  # SL names no join key: pruning must add it
         "sl": '{"singer": ["name"], "country": ["name"]}',
         "ts": "SELECT T1.name FROM singer AS T1 JOIN country AS T2 ON T1.country_id = T2.id "
               "WHERE T2.name = 'France'", "nc": "correct"},
     "Who is the oldest singer?": {  # NC's fix executes: accepted
         "sl": "not json at all, but singer is mentioned", "ts": "SELECT name FROM singer ORDER BY age",
-        "nc": "incorrect\n```sql\nSELECT name FROM singer ORDER BY age DESC LIMIT 1\n```"},
+        "nc": "wrong\n```sql\nSELECT name FROM singer ORDER BY age DESC LIMIT 1\n```"},
     "Which concerts had singers from Peru?": {  # 3 tables: CW is asked; its empty-result answer is rejected
         "sl": '{"concert": ["id"]}',
         "ts": "SELECT T1.id FROM concert AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id JOIN country AS T3 "
@@ -141,7 +141,8 @@ def test_parsers_survive_garbage(db_path):
         assert all(t in {"singer", "country", "concert"} for t in links)
     assert prompts.parse_links('```json\n{"SINGER": ["AGE", "zz"]}\n', db) == {"singer": {"age"}}
     assert prompts.parse_verdict("Correct.") == (True, "")
-    assert prompts.parse_verdict("incorrect\n```sql\nSELECT 1\n```") == (False, "SELECT 1")
+    assert prompts.parse_verdict("wrong\n```sql\nSELECT 1\n```") == (False, "SELECT 1")
+    assert prompts.parse_verdict("correct\n") == (True, "")
     assert prompts.parse_verdict(None) == (False, "")
     assert prompts.parse_sql(" name FROM singer\n```", partial="SELECT") == "SELECT name FROM singer"
     assert prompts.parse_sql("") == ""
@@ -159,4 +160,4 @@ def test_prompt_parts_and_targets(tiny_engine, db_path):
     assert cw[2].endswith("```sql\nSELECT name FROM")
     assert prompts.target("sl", {"singer": {"name", "age"}}) == '{"singer": ["age", "name"]}\n```'
     assert prompts.target("nc", None) == "correct"
-    assert prompts.target("nc", "SELECT 1") == "incorrect\n```sql\nSELECT 1\n```"
+    assert prompts.target("nc", "SELECT 1") == "wrong\n```sql\nSELECT 1\n```"

@@ -82,3 +82,20 @@ def test_clear_errors(tmp_path):
     (tmp_path / "m/config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
     with pytest.raises(KeyError, match="unexpected tensor 'model.layers.1"):
         load_model(tmp_path / "m")
+
+
+def test_packed_linears_same_logits(tmp_path):
+    from route.model import pack_linears
+
+    write_tiny(tmp_path, "qwen2")
+    m = load_model(tmp_path, dtype="bf16")
+    x = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        before = m(x)
+        n = pack_linears(m)
+        after = m(x)
+    if n == 0:
+        pytest.skip("this torch build has no oneDNN linear packing")
+    assert n == 2 * 7 + 1  # every projection of both layers, and the (tied) output head
+    assert (before.float() - after.float()).abs().max() <= 0.02 * before.abs().max()
+    assert torch.equal(before.argmax(-1), after.argmax(-1))

@@ -60,12 +60,12 @@ def test_targets_and_labels(examples):
             cand = r["messages"][1]["content"].split("### SQL: ")[1].split("\n### Execution:")[0]
             run, gold_run = db.execute(cand), db.execute(gold)
             same = run.error is None and results_match(run.rows, gold_run.rows, order_matters(gold))
-            assert r["target"] == ("correct" if same else f"incorrect\n```sql\n{gold}\n```")  # label = execution
+            assert r["target"] == ("correct" if same else f"wrong\n```sql\n{gold}\n```")  # label = execution
             assert r["messages"][1]["content"].endswith(prompts.describe_execution(run))
     assert seen == set(msft.TASKS)
-    assert counts["nc correct"] and counts["nc incorrect"]
+    assert counts["nc correct"] and counts["nc wrong"]
     assert sum(v for k, v in counts.items() if k.strip().startswith("nc candidates from")) == \
-        counts["nc correct"] + counts["nc incorrect"]
+        counts["nc correct"] + counts["nc wrong"]
 
 
 def test_edits_change_what_they_say(examples):

@@ -67,14 +67,14 @@ def test_answer_only_loss_equals_the_full_reference(tiny):
     model = load_model(tiny)
     examples = make_examples(Tokenizer.from_dir(tiny), 5)
     tokens, labels = collate(examples, list(range(5)), "cpu")
-    s, n = answer_loss(model, model, tokens, labels)
+    s, n = answer_loss(model, tokens, labels)
     with torch.no_grad():
         logits = model(tokens)[:, :-1]
     want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
     assert n == int((labels[:, 1:] != IGNORE).sum()) and abs(s.item() - want.item()) < 1e-3
     # padding never changes a row's loss: alone, each example gives the same total
-    alone = sum(answer_loss(model, model, *collate(examples, [i], "cpu"))[0].item() for i in range(5))
+    alone = sum(answer_loss(model, *collate(examples, [i], "cpu"))[0].item() for i in range(5))
     assert abs(alone - s.item()) < 1e-3
 
 
@@ -100,7 +100,7 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path, full):
         assert cfg_json["base_model_name_or_path"] == str(tiny)
     tokens, labels = collate(examples, list(range(8)), "cpu")
     with torch.no_grad():
-        s, n = answer_loss(again, again, tokens, labels)
+        s, n = answer_loss(again, tokens, labels)
     assert s.item() / n < 0.6 * history[0]["loss"]
 
 
@@ -119,6 +119,7 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     whole = run(tiny, tmp_path / "whole", max_steps=6, grad_accum=2)
 
     real_lr_at = trainer.lr_at
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in a background job
 
     def ctrl_c_during_step_3(step, total, cfg):
         if step == 2:
@@ -130,7 +131,7 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
         run(tiny, tmp_path / "cut", max_steps=6, grad_accum=2)
     assert torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)["step"] == 3
     monkeypatch.setattr(trainer, "lr_at", real_lr_at)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is removed again
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the trainer's handler is removed again
 
     rest = run(tiny, tmp_path / "cut", max_steps=6, grad_accum=2, resume=True)
     assert [h["step"] for h in rest] == [4, 5, 6]

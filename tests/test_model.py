@@ -99,3 +99,14 @@ def test_packed_linears_same_logits(tmp_path):
     assert n == 2 * 7 + 1  # every projection of both layers, and the (tied) output head
     assert (before.float() - after.float()).abs().max() <= 0.02 * before.abs().max()
     assert torch.equal(before.argmax(-1), after.argmax(-1))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    write_tiny(tmp_path, "qwen2")
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor '.*': file is truncated"):
+        load_model(tmp_path)
+    f.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_model(tmp_path)

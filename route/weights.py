@@ -44,6 +44,8 @@ def read_header(file: Path) -> tuple[dict, int]:
     with open(file, "rb") as f:
         try:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > file.stat().st_size:
+                raise ValueError(f"header size {n} exceeds the file")
             header = json.loads(f.read(n))
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{file}: not a safetensors file ({e})") from None

@@ -79,7 +79,10 @@ def main(argv=None):
                       checkpointing=args.checkpointing, eval_every=args.eval_every, save_every=args.save_every,
                       resume=args.resume, seed=args.seed, dtype=args.dtype)
     model = prepare_model(cfg)
-    train(model, train_set, cfg, val_set)
+    try:
+        train(model, train_set, cfg, val_set)
+    except KeyboardInterrupt:  # the trainer saved a checkpoint first
+        raise SystemExit(f"interrupted: continue with the same command plus --resume (checkpoint in {args.out})")
     print(f"done: {Path(args.out) / ('model' if args.full else 'adapter')}")
 
 

@@ -127,4 +127,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad paths and files: their messages name them
+        sys.exit(f"error: {e}")

@@ -370,7 +370,7 @@ def _truncate_metrics(path: Path, step: int):
 
 
 @torch.no_grad()
-def evaluate(model, core: Transformer, examples: list[dict], batch_tokens: int, dtype: torch.dtype,
+def evaluate(model, examples: list[dict], batch_tokens: int, dtype: torch.dtype,
              device: torch.device) -> float:
     """Mean cross-entropy per answer token over `examples`, shared out over the processes."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -553,7 +553,7 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
                                 + (f", MFU {mfu:.1%}" if mfu is not None else ""))
             done = step + 1
             if eval_examples and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-                row["eval_loss"] = evaluate(model, core, eval_examples, cfg.batch_tokens, dtype, device)
+                row["eval_loss"] = evaluate(model, eval_examples, cfg.batch_tokens, dtype, device)
                 log(f"step {done}: held-out loss {row['eval_loss']:.4f}")
             if rank == 0:
                 with open(metrics, "a") as f:
@@ -569,7 +569,7 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
         stop.restore()
 
     if eval_examples:
-        loss = evaluate(model, core, eval_examples, cfg.batch_tokens, dtype, device)
+        loss = evaluate(model, eval_examples, cfg.batch_tokens, dtype, device)
         log(f"held-out loss {loss:.4f}")
         if history:
             history[-1]["eval_loss"] = loss

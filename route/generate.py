@@ -125,18 +125,25 @@ def _split(tok, prompt, reuse: bool) -> tuple[tuple[tuple[int, ...], ...], list[
     return levels, rest
 
 
+def _cut_at_stop(text: str, stop, keep: bool) -> str:
+    """The text up to its first stop string (through it, if keep)."""
+    at, s = min((text.find(s), s) for s in stop if s in text)
+    return text[:at + len(s)] if keep else text[:at]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (), keep_stop: bool = False,
-             batch_tokens: int = 32768,
-             max_batch: int = 64, prefix_cache: PrefixCache | None = None, reuse_prefix: bool = True,
+             batch_tokens: int = 32768, max_batch: int = 64, prefix_cache: PrefixCache | None = None,
+             reuse_prefix: bool = True,
              stats: Stats | None = None, progress: bool = True, desc: str = "generate") -> list[str]:
     """Complete each prompt; returns the completions (special tokens cut, and stop strings unless keep_stop)
     in prompt order.
 
     A prompt is a string, or a tuple of strings (or token-id lists) whose token ids are concatenated; each
     part but the last is a cache level, and prompts with the same leading parts share their KV cache
-    (reuse_prefix=False runs every prompt in full instead: the same outputs, slower).
+    (reuse_prefix=False runs every prompt in full instead: slower, and the same outputs in fp32; in bf16 the
+    two orders of computation round differently, which can flip a greedy choice now and then).
     """
     t0 = time.perf_counter()
     st = Stats(prompts=len(prompts))
@@ -147,14 +154,14 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
 
     # Sort by (prefix, length): same-database prompts sit together and padding stays small.
     rows.sort(key=lambda r: (r.prefix, len(r.rest)))
-    batches, batch = [], []
+    batches, batch, P, T = [], [], 0, 0  # P, T: the batch's longest prefix and rest
     for r in rows:
-        cand = batch + [r]
-        cost = len(cand) * (max(x.n_prefix for x in cand) + max(len(x.rest) for x in cand) + max_new_tokens)
-        if batch and (cost > batch_tokens or len(cand) > max_batch):
+        p, t = max(P, r.n_prefix), max(T, len(r.rest))
+        if batch and ((len(batch) + 1) * (p + t + max_new_tokens) > batch_tokens or len(batch) == max_batch):
             batches.append(batch)
-            cand = [r]
-        batch = cand
+            batch, p, t = [], r.n_prefix, len(r.rest)
+        batch.append(r)
+        P, T = p, t
     if batch:
         batches.append(batch)
 
@@ -217,8 +224,7 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature,
                 r.out.append(token)
                 st.generated += 1
                 if stop and any(s in tok.decode(r.out[-tail:]) for s in stop):
-                    text = tok.decode(r.out)
-                    r.text = text[:min(text.find(s) + (len(s) if keep_stop else 0) for s in stop if s in text)]
+                    r.text = _cut_at_stop(tok.decode(r.out), stop, keep_stop)
                 elif step == max_new - 1:
                     r.text = tok.decode(r.out)
             if r.text is not None:
@@ -226,7 +232,8 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature,
         if len(done_in_cache) == len(live) or step == max_new - 1:
             break
         if 4 * len(done_in_cache) >= len(live):  # drop finished rows once they are a quarter of the batch
-            keep = [i for i in range(len(live)) if i not in set(done_in_cache)]
+            done = set(done_in_cache)
+            keep = [i for i in range(len(live)) if i not in done]
             idx = torch.tensor(keep, device=p.device)
             cache.keep_rows(idx)
             live, nxt, next_pos = [live[i] for i in keep], nxt[idx], next_pos[idx]

@@ -1,6 +1,5 @@
 """The MCP chain: acceptance rules with a scripted model, garbage from a random model, prefix reuse."""
 import re
-import sqlite3
 
 import pytest
 
@@ -10,26 +9,12 @@ from route.datasets import Example
 from route.mcp import run_chain
 from route.tokenizer import Tokenizer
 from route.weights import load_model
-from tiny import write_tiny, write_tiny_tokenizer
+from tiny import write_music_db, write_tiny, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def db_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("db") / "music.sqlite"
-    con = sqlite3.connect(path)
-    con.executescript("""
-        CREATE TABLE country (id INTEGER PRIMARY KEY, name TEXT);
-        CREATE TABLE singer (id INTEGER PRIMARY KEY, name TEXT, age INTEGER, country_id INTEGER,
-                             FOREIGN KEY (country_id) REFERENCES country(id));
-        CREATE TABLE concert (id INTEGER PRIMARY KEY, singer_id INTEGER, year INTEGER,
-                              FOREIGN KEY (singer_id) REFERENCES singer(id));
-        INSERT INTO country VALUES (1, 'France'), (2, 'Peru');
-        INSERT INTO singer VALUES (1, 'Ana', 30, 1), (2, 'Bo', 41, 2), (3, 'Cy', 25, 1);
-        INSERT INTO concert VALUES (1, 1, 2014), (2, 3, 2015);
-    """)
-    con.commit()
-    con.close()
-    return path
+    return write_music_db(tmp_path_factory.mktemp("db") / "music.sqlite")
 
 
 @pytest.fixture(scope="module")

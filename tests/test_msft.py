@@ -1,7 +1,6 @@
 """The MSFT data builder: every task's target is right, NC labels agree with execution, CW cuts are prefixes."""
 import json
 import random
-import sqlite3
 
 import pytest
 
@@ -10,6 +9,7 @@ from route.database import open_database
 from route.datasets import Example
 from route.evaluate import results_match
 from route.sql import order_matters, parse, used_schema
+from tiny import write_music_db
 
 GOLDS = [
     "SELECT count(*) FROM singer",
@@ -25,17 +25,7 @@ GOLDS = [
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    path = tmp_path_factory.mktemp("db") / "music.sqlite"
-    con = sqlite3.connect(path)
-    con.executescript("""
-        CREATE TABLE country (id INTEGER PRIMARY KEY, name TEXT);
-        CREATE TABLE singer (id INTEGER PRIMARY KEY, name TEXT, age INTEGER, country_id INTEGER,
-                             FOREIGN KEY (country_id) REFERENCES country(id));
-        INSERT INTO country VALUES (1, 'France'), (2, 'Peru'), (3, 'Chad');
-        INSERT INTO singer VALUES (1, 'Ana', 30, 1), (2, 'Bo', 41, 2), (3, 'Cy', 25, 1), (4, 'Di', 29, 3);
-    """)
-    con.commit()
-    con.close()
+    path = write_music_db(tmp_path_factory.mktemp("db") / "music.sqlite")
     return [Example(f"question {i}?", "music", path, gold) for i, gold in enumerate(GOLDS)]
 
 

@@ -98,3 +98,23 @@ def write_tiny_tokenizer(path, family: str = "qwen2"):
     with open(f"{path}/generation_config.json", "w") as f:
         json.dump({"eos_token_id": [2, 0] if family == "qwen2" else [2, 1]}, f)
     return tok
+
+
+def write_music_db(path):
+    """A three-table SQLite database (country <- singer <- concert) for the SQL-side tests; returns path."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE country (id INTEGER PRIMARY KEY, name TEXT);
+        CREATE TABLE singer (id INTEGER PRIMARY KEY, name TEXT, age INTEGER, country_id INTEGER,
+                             FOREIGN KEY (country_id) REFERENCES country(id));
+        CREATE TABLE concert (id INTEGER PRIMARY KEY, singer_id INTEGER, year INTEGER,
+                              FOREIGN KEY (singer_id) REFERENCES singer(id));
+        INSERT INTO country VALUES (1, 'France'), (2, 'Peru');
+        INSERT INTO singer VALUES (1, 'Ana', 30, 1), (2, 'Bo', 41, 2), (3, 'Cy', 25, 1);
+        INSERT INTO concert VALUES (1, 1, 2014), (2, 3, 2015);
+    """)
+    con.commit()
+    con.close()
+    return path

@@ -22,19 +22,21 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=None, help="HF-format directory or .gguf (default: Qwen2.5-Coder-0.5B)")
     ap.add_argument("--data", default=str(SPIDER), help="Spider or BIRD root with its training split")
     ap.add_argument("--msft", default=None, help="MSFT data directory (default: data/msft/<seed>-<limit>)")
-    ap.add_argument("--limit", type=int, default=1200, help="training questions used (each gives up to 4 records)")
+    ap.add_argument("--nc-from-model", action="store_true",
+                    help="when building the data, add NC candidates that the base model writes (slow: one TS pass)")
+    ap.add_argument("--limit", type=int, default=500, help="training questions used (each gives up to 4 records)")
     ap.add_argument("--out", default="runs/route", help="checkpoints, metrics and the result go here")
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="default: 3e-4 for LoRA, 1e-5 for --full")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per micro-batch")
-    ap.add_argument("--grad-accum", type=int, default=2)
-    ap.add_argument("--max-len", type=int, default=2048, help="longer examples are dropped, never cut")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--max-len", type=int, default=1024, help="longer examples are dropped, never cut")
     ap.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -56,10 +58,12 @@ def main(argv=None):
     tasks = msft.TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     if set(tasks) - set(msft.TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(set(tasks) - set(msft.TASKS))}; choose from ts,sl,nc,cw")
-    data_dir = Path(args.msft or ROOT / "data" / "msft" / f"seed{args.seed}-limit{args.limit}")
+    name = f"seed{args.seed}-limit{args.limit}" + ("-ncmodel" if args.nc_from_model else "")
+    data_dir = Path(args.msft or ROOT / "data" / "msft" / name)
     if not (data_dir / "train.jsonl").exists():
         print(f"building MSFT data from {args.data} into {data_dir}")
-        counts = msft.build(args.data, data_dir, seed=args.seed, limit=args.limit)
+        gen = (lambda exs: msft.model_sql(args.model, exs)) if args.nc_from_model else None
+        counts = msft.build(args.data, data_dir, seed=args.seed, limit=args.limit, nc_from_model=gen)
         print("\n".join(f"  {k:46}{v:>7}" for k, v in sorted(counts.items())))
 
     model_dir = hub.resolve_model(args.model)
@@ -74,7 +78,8 @@ def main(argv=None):
     print(f"{len(train_set)} training and {len(val_set)} held-out examples, tasks {','.join(tasks)}, "
           f"{sum(len(e['input_ids']) for e in train_set) / max(1, len(train_set)):.0f} tokens on average")
     cfg = TrainConfig(out_dir=args.out, base_model=str(model_dir), full=args.full, lora_r=args.rank,
-                      lora_alpha=args.alpha, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+                      lora_alpha=args.alpha, lr=args.lr or (1e-5 if args.full else 3e-4), epochs=args.epochs,
+                      max_steps=args.max_steps,
                       batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, max_len=args.max_len,
                       checkpointing=args.checkpointing, eval_every=args.eval_every, save_every=args.save_every,
                       resume=args.resume, seed=args.seed, dtype=args.dtype)

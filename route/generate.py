@@ -202,8 +202,9 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature,
         cache.valid[b, P + T - L:P + T] = True
         st.prefilled += L
     tokens, positions = tokens.to(p.device), positions.to(p.device)
-    logits = model(tokens, positions, attention_mask(cache.valid, P, T), cache, start=P,
-                   logits_for=slice(-1, None))[:, -1]
+    # Rows of one length with no prefix are plain causal attention: the faster kernel, and no mask to build.
+    mask = None if P == 0 and bool(cache.valid[:, :T].all()) else attention_mask(cache.valid, P, T)
+    logits = model(tokens, positions, mask, cache, start=P, logits_for=slice(-1, None))[:, -1]
 
     eos = torch.tensor(tok.eos_ids, device=p.device)
     next_pos = positions[:, -1] + 1

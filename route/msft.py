@@ -8,10 +8,11 @@ For every training question whose gold SQL runs:
       the gold re-written by sqlglot (correct) or the gold with one deterministic edit (another column, table,
       aggregate, comparison, ORDER BY direction or LIMIT; a condition, DISTINCT or GROUP BY dropped). Labels
       come from execution, never from the edit: an edit that returns the gold's result is "correct".
+      With --nc-from-model, the SQL a model writes for the question is one more candidate, labelled alike.
   CW  the gold cut at a clause boundary -> the rest of it.
 The prompts are the templates of prompts.py, stored as chat messages so any chat format can render them.
 
-    python -m route.msft --data ../shared/data/spider --out data/msft [--limit 2000] [--seed 0]
+    python -m route.msft --data ../shared/data/spider --out data/msft [--limit 2000] [--seed 0] [--nc-from-model]
 """
 import argparse
 import json
@@ -34,6 +35,29 @@ def _record(task, ex, schema, answer, **inputs) -> dict:
     msgs, start = prompts.messages(task, schema, ex.question, ex.evidence, **inputs)
     return {"task": task, "db_id": ex.db_id, "messages": msgs, "answer_start": start,
             "target": prompts.target(task, answer)}
+
+
+def canonical_sql(gold: str, tree, db, gold_rows, timeout: float) -> str:
+    """The gold as the model should learn to write it: sqlglot's layout (upper-case keywords, single spaces)
+    with every table and column spelled as the schema declares it. Spider's golds mix spellings ("pettype"
+    for PetType, "T1.name ,  T1.age"); a small model learns the spelling along with the logic, then invents
+    names the schema does not have. The gold itself is kept when the rewrite changes the result."""
+    if tree is None:
+        return gold
+    tables = {t.name.lower(): t.name for t in db.tables}
+    columns: dict[str, str] = {}
+    for t in db.tables:
+        for c in t.columns:
+            columns.setdefault(c.name.lower(), c.name)
+    t = tree.copy()
+    for node in t.find_all(exp.Table):
+        node.set("this", exp.to_identifier(tables.get(node.name.lower(), node.name)))
+    for node in t.find_all(exp.Column):
+        if node.name.lower() in columns:
+            node.set("this", exp.to_identifier(columns[node.name.lower()]))
+    sql = t.sql(dialect="sqlite")
+    run = db.execute(sql, timeout=timeout)
+    return sql if run.error is None and results_match(run.rows, gold_rows, order_matters(gold)) else gold
 
 
 # -- noisy SQL for noise correction ------------------------------------------------------------------------
@@ -137,11 +161,13 @@ def _noisy_keep(keep: dict[str, set[str]], db, rng: random.Random) -> dict[str, 
 
 
 def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, nc_correct_share: float = 0.4,
-                   timeout: float = 5.0) -> tuple[list[dict], Counter]:
-    """The MSFT records for `examples` (route.datasets.Example), and counts of what was made and dropped."""
+                   timeout: float = 5.0, model_sql: list[str] | None = None,
+                   canonical: bool = True) -> tuple[list[dict], Counter]:
+    """The MSFT records for `examples` (route.datasets.Example), and counts of what was made and dropped.
+    model_sql[i], if given, is SQL a model wrote for examples[i]: one more NC candidate, labelled the same way."""
     rng = random.Random(seed)
     records, counts = [], Counter()
-    for ex in examples:
+    for n, ex in enumerate(examples):
         db = open_database(ex.db_path)
         gold_run = db.execute(ex.gold_sql, timeout=timeout)
         if gold_run.error:
@@ -150,10 +176,12 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
         tree = parse(ex.gold_sql)
         schema = db.schema_prompt(sample_rows=sample_rows)
         keep = used_schema(ex.gold_sql, db)
+        gold = canonical_sql(ex.gold_sql, tree, db, gold_run.rows, timeout) if canonical else ex.gold_sql
+        counts["gold rewritten to schema spelling" if gold != ex.gold_sql else "gold kept as written"] += 1
         if "ts" in tasks:
             pruned = tree is not None and keep and rng.random() < 0.5
             ts_schema = db.schema_prompt(keep=_noisy_keep(keep, db, rng), sample_rows=sample_rows) if pruned else schema
-            records.append(_record("ts", ex, ts_schema, ex.gold_sql))
+            records.append(_record("ts", ex, ts_schema, gold))
             counts["ts (pruned schema)" if pruned else "ts"] += 1
         if "sl" in tasks:
             if keep:
@@ -162,25 +190,29 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
             else:
                 counts["dropped sl: gold not analysable"] += 1
         if "nc" in tasks:
-            cand = nc_candidate(ex.gold_sql, tree, db, rng, nc_correct_share) if tree is not None else None
-            if cand is None:
+            cands = []
+            edit = nc_candidate(ex.gold_sql, tree, db, rng, nc_correct_share) if tree is not None else None
+            if edit is None:
                 counts["dropped nc: no edit applies"] += 1
             else:
-                sql, kind = cand
+                cands.append(edit)
+            if model_sql is not None and model_sql[n].strip():
+                cands.append((model_sql[n], "model"))
+            for sql, kind in cands:
                 run = db.execute(sql, timeout=timeout)
                 same = run.error is None and results_match(run.rows, gold_run.rows, order_matters(ex.gold_sql))
                 if kind == "rewrite" and not same:
                     counts["dropped nc: sqlglot rewrite changed the result"] += 1
-                else:
-                    records.append(_record("nc", ex, schema, None if same else ex.gold_sql, sql=sql,
-                                           execution=prompts.describe_execution(run)))
-                    counts[f"nc {'correct' if same else 'wrong'}"] += 1
-                    counts[f"  nc candidates from {kind}"] += 1
+                    continue
+                records.append(_record("nc", ex, schema, None if same else gold, sql=sql,
+                                       execution=prompts.describe_execution(run)))
+                counts[f"nc {'correct' if same else 'wrong'}"] += 1
+                counts[f"  nc candidates from {kind}"] += 1
         if "cw" in tasks:
-            cuts = clause_prefixes(ex.gold_sql)
+            cuts = clause_prefixes(gold)
             if cuts:
                 cut = rng.choice(cuts)
-                rest = ex.gold_sql.strip().rstrip(";").rstrip()[len(cut):]
+                rest = gold.strip().rstrip(";").rstrip()[len(cut):]
                 records.append(_record("cw", ex, schema, rest, partial=cut))
                 counts["cw"] += 1
             else:
@@ -198,9 +230,28 @@ def write_jsonl(records, path: Path):
     tmp.replace(path)  # atomic: a half-written file is never taken for data
 
 
+def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[str]:
+    """The SQL a model writes for each example (plain zero-shot TS, as inference runs it): realistic NC
+    candidates, with the mistakes this model actually makes. model: a path, or None for the default model."""
+    import torch
+
+    from .hub import resolve_model
+    from .mcp import run_chain
+    from .model import pack_linears
+    from .tokenizer import Tokenizer
+    from .weights import load_model
+
+    path = resolve_model(model)
+    lm = load_model(path, dtype="bf16", device="cuda" if torch.cuda.is_available() else "cpu")
+    pack_linears(lm)
+    traces, _ = run_chain(lm, Tokenizer.from_dir(path), examples, steps=(), fewshot=False, batch_tokens=batch_tokens)
+    return [t.sql for t in traces]
+
+
 def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, seed: int = 0,
-          limit: int | None = None, val_share: float = 0.02, **kw) -> dict:
-    """Build train.jsonl and val.jsonl (a held-out share of the *questions*) in `out`; returns the counts."""
+          limit: int | None = None, val_share: float = 0.02, nc_from_model=None, **kw) -> dict:
+    """Build train.jsonl and val.jsonl (a held-out share of the *questions*) in `out`; returns the counts.
+    nc_from_model: a function examples -> SQL per example (e.g. model_sql) for model-written NC candidates."""
     ds = load_dataset(data, split)
     examples = list(ds.examples)
     random.Random(seed).shuffle(examples)
@@ -210,7 +261,8 @@ def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, 
     out = Path(out)
     counts = Counter({"skipped: database missing": ds.skipped})
     for name, part in (("val", examples[:n_val]), ("train", examples[n_val:])):
-        records, c = build_examples(part, tasks, seed, **kw)
+        sqls = nc_from_model(part) if nc_from_model and "nc" in tasks else None
+        records, c = build_examples(part, tasks, seed, model_sql=sqls, **kw)
         write_jsonl(records, out / f"{name}.jsonl")
         counts.update({f"{name} {k}" if name == "val" else k: v for k, v in c.items()})
         counts[f"{name} records"] = len(records)
@@ -226,9 +278,15 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="use only N questions (a seeded random subset)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample-rows", type=int, default=3)
+    ap.add_argument("--nc-from-model", nargs="?", const="default", default=None, metavar="MODEL",
+                    help="add NC candidates that a model (default: the default model) writes for the questions")
     args = ap.parse_args(argv)
     tasks = TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
-    counts = build(args.data, args.out, args.split, tasks, args.seed, args.limit, sample_rows=args.sample_rows)
+    gen = None
+    if args.nc_from_model:
+        gen = lambda exs: model_sql(None if args.nc_from_model == "default" else args.nc_from_model, exs)  # noqa: E731
+    counts = build(args.data, args.out, args.split, tasks, args.seed, args.limit, nc_from_model=gen,
+                   sample_rows=args.sample_rows)
     for k in sorted(counts, key=lambda k: (k.startswith("val"), k.strip())):
         print(f"{k:48}{counts[k]:>8}")
 

@@ -85,20 +85,24 @@ def test_clear_errors(tmp_path):
 
 
 def test_packed_linears_same_logits(tmp_path):
+    """Packed layers (with SiLU, product and residual fused into the GEMMs) compute the same function: their
+    bf16 logits are as close to the fp32 model's as the plain bf16 model's are."""
     from route.model import pack_linears
 
     write_tiny(tmp_path, "qwen2")
-    m = load_model(tmp_path, dtype="bf16")
+    ref, m = load_model(tmp_path, dtype="fp32"), load_model(tmp_path, dtype="bf16")
     x = torch.randint(0, VOCAB, (2, 30))
     with torch.no_grad():
-        before = m(x)
+        exact, before = ref(x), m(x).float()
         n = pack_linears(m)
-        after = m(x)
+        after = m(x).float()
     if n == 0:
         pytest.skip("this torch build has no oneDNN linear packing")
     assert n == 2 * 7 + 1  # every projection of both layers, and the (tied) output head
-    assert (before.float() - after.float()).abs().max() <= 0.02 * before.abs().max()
-    assert torch.equal(before.argmax(-1), after.argmax(-1))
+    assert (after - before).abs().max() <= 0.02 * before.abs().max()
+    assert (after - exact).abs().max() <= 1.5 * (before - exact).abs().max()
+    agree = lambda y: (y.argmax(-1) == exact.argmax(-1)).float().mean()  # noqa: E731
+    assert agree(after) >= agree(before) - 0.05
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

@@ -39,6 +39,7 @@ def test_targets_and_labels(examples):
         seen.add(r["task"])
         question = r["messages"][1]["content"].split("### Question: ")[1].split("\n")[0]
         gold = gold_of[question]
+        gold = msft.canonical_sql(gold, parse(gold), db, db.execute(gold).rows, 5.0)  # what the targets teach
         if r["task"] == "ts":
             assert r["target"] == gold + "\n```" and r["answer_start"] == "```sql\n"
         elif r["task"] == "sl":
@@ -85,3 +86,47 @@ def test_build_from_spider(spider, tmp_path):
     assert counts["skipped: database missing"] > 0  # soccer_1 / baseball_1 are absent from this copy
     n = sum(1 for _ in open(tmp_path / "train.jsonl"))
     assert n == counts["train records"] and n > 150
+
+
+def test_model_written_nc_candidates(examples, tmp_path):
+    """--nc-from-model: the SQL a model wrote becomes one more NC record per question, labelled by execution
+    (a right answer in another spelling is "correct"; a wrong one, or one that fails, gets the gold)."""
+    exs = examples[:3]
+    written = ["SELECT COUNT(*) FROM singer AS s",                   # same result as the gold: correct
+               "SELECT name FROM singer ORDER BY age DESC",          # drops the filter: wrong
+               "SELECT nosuch FROM country"]                         # fails to run: wrong
+    records, counts = msft.build_examples(exs, tasks=("nc",), model_sql=written)
+    assert counts["  nc candidates from model"] == 3
+    by_sql = {r["messages"][1]["content"].split("### SQL: ")[1].split("\n### Execution:")[0]: r for r in records}
+    db = open_database(exs[0].db_path)
+    fix = [msft.canonical_sql(e.gold_sql, parse(e.gold_sql), db, db.execute(e.gold_sql).rows, 5.0) for e in exs]
+    assert by_sql[written[0]]["target"] == "correct"
+    assert by_sql[written[1]]["target"] == f"wrong\n```sql\n{fix[1]}\n```"
+    assert by_sql[written[2]]["target"] == f"wrong\n```sql\n{fix[2]}\n```"
+    assert "no such column" in by_sql[written[2]]["messages"][1]["content"]
+
+
+def test_build_asks_the_model_once_per_part(spider, tmp_path):
+    asked = []
+
+    def written(exs):  # a "model" that writes the gold: every such candidate must be labelled correct
+        asked.append(len(exs))
+        return [e.gold_sql for e in exs]
+
+    counts = msft.build(spider, tmp_path, limit=50, seed=0, nc_from_model=written)
+    assert sorted(asked) == [1, 49]  # held-out questions, then training questions
+    executed = counts.get("ts", 0) + counts.get("ts (pruned schema)", 0)
+    assert counts["  nc candidates from model"] == executed
+    nc = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    nc = [r for r in nc if r["task"] == "nc"]
+    assert sum(r["target"] == "correct" for r in nc) >= executed
+    assert msft.build(spider, tmp_path / "ts", limit=5, tasks=("ts",), nc_from_model=written) and len(asked) == 2
+
+
+def test_canonical_gold_uses_the_schema_spelling(examples):
+    db = open_database(examples[0].db_path)
+    gold = "select T1.NAME ,  count(*) from SINGER as T1 join Country as T2 on T1.country_id  =  T2.ID group by t1.name"
+    want = "SELECT T1.name, COUNT(*) FROM singer AS T1 JOIN country AS T2 ON T1.country_id = T2.id GROUP BY t1.name"
+    assert msft.canonical_sql(gold, parse(gold), db, db.execute(gold).rows, 5.0) == want
+    # a rewrite that would change the result is refused: the gold stays as written (here: a wrong gold_rows)
+    assert msft.canonical_sql(gold, parse(gold), db, [("nobody", 0)], 5.0) == gold

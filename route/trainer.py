@@ -513,6 +513,13 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
         f"parameters, {str(dtype).removeprefix('torch.')} on {device}, world size {world}; MFU counts "
         f"{'6N' if full else '4N'} = {fpt / 1e9:.2f} GFLOP per token against {peak / 1e12:.2f} TFLOP/s ({peak_src})")
 
+    if eval_examples and cfg.eval_every and start == 0:  # where the curve starts: the untrained model
+        loss0 = evaluate(model, eval_examples, cfg.batch_tokens, dtype, device)
+        log(f"step 0: held-out loss {loss0:.4f}")
+        if rank == 0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps({"step": 0, "eval_loss": loss0}) + "\n")
+
     stop = _StopSignal()
     bar = tqdm(total=total, initial=start, desc="train", disable=not (cfg.progress and rank == 0), unit="step")
     history, t_start = [], time.perf_counter()

@@ -90,7 +90,9 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path, full):
     assert history[5]["eval_loss"] > history[-1]["eval_loss"]
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 13))
-    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "padding"} <= set(lines[0])
+    assert lines[0] == {"step": 0, "eval_loss": lines[0]["eval_loss"]}  # the untrained model's held-out loss
+    assert lines[0]["eval_loss"] > history[5]["eval_loss"]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "padding"} <= set(lines[1])
     if full:  # a plain HF-format model directory, with the tokenizer
         again = load_model(tmp_path / "model")
         assert (tmp_path / "model/tokenizer.json").exists()

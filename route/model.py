@@ -218,7 +218,7 @@ class Transformer(nn.Module):
         self.checkpointing = False  # activation checkpointing, switched on by the trainer
 
     def forward(self, tokens, positions=None, mask=None, cache: KVCache | None = None, start: int = 0,
-                logits_for: torch.Tensor | slice | None = None):
+                logits_for: torch.Tensor | slice | None = None, targets: torch.Tensor | None = None):
         """tokens (B, T) -> logits (B, T', vocab).
 
         positions (B, T): rotary positions; default 0..T-1 (training, and prompts without padding).
@@ -228,6 +228,7 @@ class Transformer(nn.Module):
         logits_for: which positions get logits: a slice of T (slice(-1, None) in prefill), or a (B, T) bool mask
             giving (N, vocab) logits for its N True positions (the answer tokens in training). The lm_head over
             a 150k vocabulary is the biggest matmul: never compute it for positions nobody reads.
+        targets (N,): instead of logits, return the summed cross-entropy of those N positions against them.
         """
         B, T = tokens.shape
         if positions is None:
@@ -244,7 +245,20 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, cache, i, start)
         if logits_for is not None:
             x = x[logits_for] if isinstance(logits_for, torch.Tensor) else x[:, logits_for]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        # Chunks of positions, each recomputed in backward: the fp32 logits of N answer tokens over a 150k
+        # vocabulary take N x 0.6 MB (a batch with 2,000 answer tokens: 1.2 GB, times ~3 with their gradients),
+        # but only one chunk's are ever alive.
+        loss = x.new_zeros((), dtype=torch.float32)
+        for i in range(0, len(x), 1024):
+            loss = loss + torch.utils.checkpoint.checkpoint(self._head_loss, x[i:i + 1024], targets[i:i + 1024],
+                                                            use_reentrant=False)
+        return loss
+
+    def _head_loss(self, x, targets):
+        return F.cross_entropy(self.lm_head(x).float(), targets, reduction="sum")
 
 
 class PackedLinear(nn.Module):

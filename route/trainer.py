@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .lora import ALL_TARGETS, TOKENIZER_FILES, add_lora, lora_modules, save_adapter
@@ -175,13 +174,12 @@ def collate(examples: list[dict], idx: list[int], device) -> tuple[torch.Tensor,
 def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor):
     """(summed cross-entropy over answer tokens, their count). Position t predicts token t+1.
 
-    The head runs on answer positions only (logits_for=keep): (N, vocab) logits, not (B, T, vocab).
+    The head runs on answer positions only (logits_for=keep), a chunk at a time: never (B, T, vocab) logits.
     `model` may be a DDP wrapper of `core`.
     """
     inputs, targets = tokens[:, :-1], labels[:, 1:]  # the last token is only ever a target
     keep = targets != IGNORE
-    logits = model(inputs, logits_for=keep)  # (N, vocab)
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+    return model(inputs, logits_for=keep, targets=targets[keep]), int(keep.sum())
 
 
 # ------------------------------------------------------------------------------------------ the machine

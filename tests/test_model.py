@@ -114,3 +114,25 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     f.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a safetensors file"):
         load_model(tmp_path)
+
+
+def test_chunked_head_loss_equals_plain_cross_entropy(tmp_path):
+    """targets= gives the summed cross-entropy through 1,024-position chunks: the same value and gradients
+    as cross-entropy over the full logits (here 2,400 positions, 3 chunks)."""
+    import torch.nn.functional as F
+
+    write_tiny(tmp_path, "qwen2")
+    m = load_model(tmp_path, dtype="fp32").requires_grad_(True)
+    x = torch.randint(0, VOCAB, (4, 601))
+    inputs, targets = x[:, :-1], x[:, 1:]
+    keep = torch.ones_like(targets, dtype=torch.bool)
+    keep[0, :100] = False
+    plain = F.cross_entropy(m(inputs, logits_for=keep), targets[keep], reduction="sum")
+    plain.backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    chunked = m(inputs, logits_for=keep, targets=targets[keep])
+    chunked.backward()
+    assert int(keep.sum()) > 2048 and torch.allclose(chunked, plain, rtol=1e-5)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n

@@ -22,6 +22,8 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=None, help="HF-format directory or .gguf (default: Qwen2.5-Coder-0.5B)")
     ap.add_argument("--data", default=str(SPIDER), help="Spider or BIRD root with its training split")
     ap.add_argument("--msft", default=None, help="MSFT data directory (default: data/msft/<seed>-<limit>)")
+    ap.add_argument("--canonical-targets", action="store_true",
+                    help="gold SQL in the schema's spelling and sqlglot's layout (measured: no gain, see the card)")
     ap.add_argument("--nc-from-model", action="store_true",
                     help="when building the data, add NC candidates that the base model writes (slow: one TS pass)")
     ap.add_argument("--limit", type=int, default=500, help="training questions used (each gives up to 4 records)")
@@ -58,12 +60,14 @@ def main(argv=None):
     tasks = msft.TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     if set(tasks) - set(msft.TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(set(tasks) - set(msft.TASKS))}; choose from ts,sl,nc,cw")
-    name = f"seed{args.seed}-limit{args.limit}" + ("-ncmodel" if args.nc_from_model else "")
+    name = (f"seed{args.seed}-limit{args.limit}" + ("-canonical" if args.canonical_targets else "")
+            + ("-ncmodel" if args.nc_from_model else ""))
     data_dir = Path(args.msft or ROOT / "data" / "msft" / name)
     if not (data_dir / "train.jsonl").exists():
         print(f"building MSFT data from {args.data} into {data_dir}")
         gen = (lambda exs: msft.model_sql(args.model, exs)) if args.nc_from_model else None
-        counts = msft.build(args.data, data_dir, seed=args.seed, limit=args.limit, nc_from_model=gen)
+        counts = msft.build(args.data, data_dir, seed=args.seed, limit=args.limit, nc_from_model=gen,
+                            canonical=args.canonical_targets)
         print("\n".join(f"  {k:46}{v:>7}" for k, v in sorted(counts.items())))
 
     model_dir = hub.resolve_model(args.model)

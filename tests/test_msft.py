@@ -30,7 +30,7 @@ def examples(tmp_path_factory):
 
 
 def test_targets_and_labels(examples):
-    records, counts = msft.build_examples(examples * 6, seed=1)  # repeats: several edits per gold
+    records, counts = msft.build_examples(examples * 6, seed=1, canonical=True)  # repeats: several edits per gold
     assert counts["dropped: gold does not execute"] == 6
     db = open_database(examples[0].db_path)
     gold_of = {e.question: e.gold_sql for e in examples}
@@ -95,7 +95,7 @@ def test_model_written_nc_candidates(examples, tmp_path):
     written = ["SELECT COUNT(*) FROM singer AS s",                   # same result as the gold: correct
                "SELECT name FROM singer ORDER BY age DESC",          # drops the filter: wrong
                "SELECT nosuch FROM country"]                         # fails to run: wrong
-    records, counts = msft.build_examples(exs, tasks=("nc",), model_sql=written)
+    records, counts = msft.build_examples(exs, tasks=("nc",), model_sql=written, canonical=True)
     assert counts["  nc candidates from model"] == 3
     by_sql = {r["messages"][1]["content"].split("### SQL: ")[1].split("\n### Execution:")[0]: r for r in records}
     db = open_database(exs[0].db_path)

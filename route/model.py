@@ -110,11 +110,6 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def add_projected(residual, proj, y):
-    """residual + proj(y): the residual stream's update. A PackedLinear adds inside its GEMM's output pass."""
-    return proj(y, add=residual) if isinstance(proj, PackedLinear) else residual + proj(y)
-
-
 class KVCache:
     """A static, preallocated cache: per layer, keys and values of shape (batch, kv_heads, slots, head_dim).
 
@@ -145,8 +140,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, residual, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
-        """residual + attention(x)."""
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, kv_heads, T, hd)
@@ -166,7 +160,7 @@ class Attention(nn.Module):
             q = q.reshape(B, self.n_kv, rep * T, self.hd)
             mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.hd)
-        return add_projected(residual, self.o_proj, y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -176,11 +170,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x, residual):
-        """residual + SwiGLU(x)."""
-        if isinstance(self.up_proj, PackedLinear):  # SiLU and the product ride on the GEMMs' output pass
-            return add_projected(residual, self.down_proj, self.up_proj(x, mul=self.gate_proj(x, act="swish")))
-        return add_projected(residual, self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
 class Block(nn.Module):
@@ -192,8 +183,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = self.self_attn(self.input_layernorm(x), x, cos, sin, mask, cache, layer, start)
-        return self.mlp(self.post_attention_layernorm(x), x)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -276,12 +267,8 @@ class PackedLinear(nn.Module):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 16)  # 16: batch-size hint
         self.bias = None if linear.bias is None else linear.bias.detach()
 
-    def forward(self, x, act: str = "none", mul=None, add=None):
-        """x W^T + b, then (fused into the GEMM's output pass) the activation `act`, or times `mul`, or plus `add`."""
-        if mul is not None or add is not None:
-            op, other = ("mul", mul) if mul is not None else ("add", add)
-            return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, op)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, act, [], "")
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def pack_linears(model: nn.Module) -> int:

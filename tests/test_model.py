@@ -85,8 +85,8 @@ def test_clear_errors(tmp_path):
 
 
 def test_packed_linears_same_logits(tmp_path):
-    """Packed layers (with SiLU, product and residual fused into the GEMMs) compute the same function: their
-    bf16 logits are as close to the fp32 model's as the plain bf16 model's are."""
+    """Packed layers compute the same function: their bf16 logits are as close to the fp32 model's as the plain
+    bf16 model's are."""
     from route.model import pack_linears
 
     write_tiny(tmp_path, "qwen2")

@@ -31,7 +31,7 @@ def parse_args(argv=None):
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
-    ap.add_argument("--lr", type=float, default=None, help="default: 3e-4 for LoRA, 1e-5 for --full")
+    ap.add_argument("--lr", type=float, default=None, help="default: 3e-4 for LoRA, 1e-5 for --full (TrainConfig)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per micro-batch")
@@ -82,8 +82,7 @@ def main(argv=None):
     print(f"{len(train_set)} training and {len(val_set)} held-out examples, tasks {','.join(tasks)}, "
           f"{sum(len(e['input_ids']) for e in train_set) / max(1, len(train_set)):.0f} tokens on average")
     cfg = TrainConfig(out_dir=args.out, base_model=str(model_dir), full=args.full, lora_r=args.rank,
-                      lora_alpha=args.alpha, lr=args.lr or (1e-5 if args.full else 3e-4), epochs=args.epochs,
-                      max_steps=args.max_steps,
+                      lora_alpha=args.alpha, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                       batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, max_len=args.max_len,
                       checkpointing=args.checkpointing, eval_every=args.eval_every, save_every=args.save_every,
                       resume=args.resume, seed=args.seed, dtype=args.dtype)

@@ -203,7 +203,7 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature,
         st.prefilled += L
     tokens, positions = tokens.to(p.device), positions.to(p.device)
     # Rows of one length with no prefix are plain causal attention: the faster kernel, and no mask to build.
-    mask = None if P == 0 and bool(cache.valid[:, :T].all()) else attention_mask(cache.valid, P, T)
+    mask = None if P == 0 and all(len(r.rest) == T for r in rows) else attention_mask(cache.valid, P, T)
     logits = model(tokens, positions, mask, cache, start=P, logits_for=slice(-1, None))[:, -1]
 
     eos = torch.tensor(tok.eos_ids, device=p.device)

@@ -10,6 +10,7 @@ For every training question whose gold SQL runs:
       come from execution, never from the edit: an edit that returns the gold's result is "correct".
       With --nc-from-model, the SQL a model writes for the question is one more candidate, labelled alike.
   CW  the gold cut at a clause boundary -> the rest of it.
+Targets are the gold as the dataset writes it; --canonical re-spells it with the schema's own names.
 The prompts are the templates of prompts.py, stored as chat messages so any chat format can render them.
 
     python -m route.msft --data ../shared/data/spider --out data/msft [--limit 2000] [--seed 0] [--nc-from-model]
@@ -56,8 +57,13 @@ def canonical_sql(gold: str, tree, db, gold_rows, timeout: float) -> str:
         if node.name.lower() in columns:
             node.set("this", exp.to_identifier(columns[node.name.lower()]))
     sql = t.sql(dialect="sqlite")
+    return sql if same_result(db, sql, gold, gold_rows, timeout)[1] else gold
+
+
+def same_result(db, sql: str, gold: str, gold_rows, timeout: float):
+    """(the run of `sql`, whether it returns the gold's rows): the label of every NC candidate."""
     run = db.execute(sql, timeout=timeout)
-    return sql if run.error is None and results_match(run.rows, gold_rows, order_matters(gold)) else gold
+    return run, run.error is None and results_match(run.rows, gold_rows, order_matters(gold))
 
 
 # -- noisy SQL for noise correction ------------------------------------------------------------------------
@@ -201,8 +207,7 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
             if model_sql is not None and model_sql[n].strip():
                 cands.append((model_sql[n], "model"))
             for sql, kind in cands:
-                run = db.execute(sql, timeout=timeout)
-                same = run.error is None and results_match(run.rows, gold_run.rows, order_matters(ex.gold_sql))
+                run, same = same_result(db, sql, ex.gold_sql, gold_run.rows, timeout)
                 if kind == "rewrite" and not same:
                     counts["dropped nc: sqlglot rewrite changed the result"] += 1
                     continue
@@ -281,13 +286,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample-rows", type=int, default=3)
     ap.add_argument("--canonical", action="store_true", help="targets in the schema's spelling (canonical_sql)")
-    ap.add_argument("--nc-from-model", nargs="?", const="default", default=None, metavar="MODEL",
+    ap.add_argument("--nc-from-model", nargs="?", const="", default=None, metavar="MODEL",
                     help="add NC candidates that a model (default: the default model) writes for the questions")
     args = ap.parse_args(argv)
     tasks = TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
     gen = None
-    if args.nc_from_model:
-        gen = lambda exs: model_sql(None if args.nc_from_model == "default" else args.nc_from_model, exs)  # noqa: E731
+    if args.nc_from_model is not None:  # the flag alone ("") means the default model
+        gen = lambda exs: model_sql(args.nc_from_model or None, exs)  # noqa: E731
     counts = build(args.data, args.out, args.split, tasks, args.seed, args.limit, nc_from_model=gen,
                    sample_rows=args.sample_rows, canonical=args.canonical)
     for k in sorted(counts, key=lambda k: (k.startswith("val"), k.strip())):

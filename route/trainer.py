@@ -59,7 +59,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_TARGETS
     # optimisation
-    lr: float | None = None        # None: 2e-4 for LoRA, 1e-5 for full fine-tuning
+    lr: float | None = None        # None: 3e-4 for LoRA, 1e-5 for full fine-tuning
     epochs: int = 3
     max_steps: int | None = None   # overrides epochs
     batch_tokens: int = 16384      # padded tokens (rows x longest row) per micro-batch and process
@@ -85,7 +85,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-5 if self.full else 2e-4)
+        return self.lr if self.lr is not None else (1e-5 if self.full else 3e-4)
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -175,7 +175,7 @@ def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor):
     """(summed cross-entropy over answer tokens, their count). Position t predicts token t+1.
 
     The head runs on answer positions only (logits_for=keep), a chunk at a time: never (B, T, vocab) logits.
-    `model` may be a DDP wrapper of `core`.
+    The loss is computed inside the model's forward, so `model` may be a DDP or FSDP wrapper.
     """
     inputs, targets = tokens[:, :-1], labels[:, 1:]  # the last token is only ever a target
     keep = targets != IGNORE
@@ -360,6 +360,11 @@ def load_checkpoint(path: Path, model, optimizer, meta: dict) -> int:
     return state["step"]
 
 
+def _append(path: Path, row: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _truncate_metrics(path: Path, step: int):
     """On resume, forget metrics logged after the checkpoint: those steps run again."""
     if path.exists():
@@ -515,8 +520,7 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
         loss0 = evaluate(model, eval_examples, cfg.batch_tokens, dtype, device)
         log(f"step 0: held-out loss {loss0:.4f}")
         if rank == 0:
-            with open(metrics, "a") as f:
-                f.write(json.dumps({"step": 0, "eval_loss": loss0}) + "\n")
+            _append(metrics, {"step": 0, "eval_loss": loss0})
 
     stop = _StopSignal()
     bar = tqdm(total=total, initial=start, desc="train", disable=not (cfg.progress and rank == 0), unit="step")
@@ -561,8 +565,7 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
                 row["eval_loss"] = evaluate(model, eval_examples, cfg.batch_tokens, dtype, device)
                 log(f"step {done}: held-out loss {row['eval_loss']:.4f}")
             if rank == 0:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                _append(metrics, row)
             if flags[1].item() > 0:
                 save_checkpoint(ckpt, model, core, optimizer, done, meta, rank)
                 log(f"saved {ckpt} at step {done}; continue with resume")
@@ -579,8 +582,7 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
         if history:
             history[-1]["eval_loss"] = loss
         if rank == 0:
-            with open(metrics, "a") as f:
-                f.write(json.dumps({"step": total, "eval_loss": loss}) + "\n")
+            _append(metrics, {"step": total, "eval_loss": loss})
     save_checkpoint(ckpt, model, core, optimizer, total, meta, rank)
     save_result(model, core, optimizer, cfg, rank, dtype)
     return history

@@ -55,7 +55,7 @@ def main(argv=None):
     args = parse_args(argv)
     from route import hub, msft, prompts
     from route.tokenizer import Tokenizer
-    from route.trainer import TrainConfig, prepare_model, tokenize_example, train
+    from route.trainer import TrainConfig, prepare_model, tokenize_examples, train
 
     tasks = msft.TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     if set(tasks) - set(msft.TASKS):
@@ -75,8 +75,8 @@ def main(argv=None):
 
     def tokenized(name):
         records = load_records(data_dir / f"{name}.jsonl", tasks)
-        return [tokenize_example(tok, prompts.render(tok, r["messages"], r["answer_start"]), r["target"])
-                for r in records]
+        return tokenize_examples(tok, [prompts.render(tok, r["messages"], r["answer_start"]) for r in records],
+                                 [r["target"] for r in records])
 
     train_set, val_set = tokenized("train"), tokenized("val")
     print(f"{len(train_set)} training and {len(val_set)} held-out examples, tasks {','.join(tasks)}, "

@@ -146,7 +146,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, kv_heads, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if cache is not None:  # write the new tokens at slots [start, start+T), attend over [0, start+T)
+        if isinstance(start, torch.Tensor):  # slots as a tensor (a CUDA graph's input): attend over all slots
+            cache.k[layer].index_copy_(2, start, k)
+            cache.v[layer].index_copy_(2, start, v)
+            k, v = cache.k[layer], cache.v[layer]
+        elif cache is not None:  # write the new tokens at slots [start, start+T), attend over [0, start+T)
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
@@ -215,7 +219,9 @@ class Transformer(nn.Module):
         positions (B, T): rotary positions; default 0..T-1 (training, and prompts without padding).
         mask (B, 1, T, S) bool: which of the S = start+T cache slots each new token may attend to; None means
             plain causal attention over these T tokens (training, or one unpadded prompt without a cache).
-        cache, start: write the new keys/values at cache slots [start, start+T).
+        cache, start: write the new keys/values at cache slots [start, start+T). start may also be a (T,) tensor
+            of slots (what a CUDA graph needs: no Python number changes between steps); attention then runs over
+            the whole cache and the mask is (B, 1, T, slots).
         logits_for: which positions get logits: a slice of T (slice(-1, None) in prefill), or a (B, T) bool mask
             giving (N, vocab) logits for its N True positions (the answer tokens in training). The lm_head over
             a 150k vocabulary is the biggest matmul: never compute it for positions nobody reads.

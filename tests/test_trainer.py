@@ -15,7 +15,7 @@ from route import trainer
 from route.lora import load_adapter, lora_modules
 from route.tokenizer import Tokenizer
 from route.trainer import (IGNORE, TrainConfig, answer_loss, collate, lr_at, plan_epoch, plan_steps, prepare_model,
-                           tokenize_example, train)
+                           tokenize_example, tokenize_examples, train)
 from route.weights import load_model
 from tiny import write_tiny, write_tiny_tokenizer
 from train_worker import make_examples, run
@@ -40,6 +40,17 @@ def test_tokenize_example_masks_the_prompt(tiny):
     assert ex["labels"][len(p):] == ex["input_ids"][len(p):]
     assert ex["input_ids"][-1] == tok.tok.token_to_id("<|im_end|>")  # the model learns to stop
     assert tok.decode(ex["input_ids"][len(p):]) == "SELECT count(*) FROM singer;"
+
+
+def test_tokenize_examples_equals_encoding_each_pair(tiny):
+    """The batched tokenization train.py uses (encode_batch, parallel) gives each pair's own encoding."""
+    tok = Tokenizer.from_dir(tiny)
+    pairs = [(tok.chat([{"role": "user", "content": q}]), a) for q, a in
+             [("How many singers?", "SELECT count(*) FROM singer"), ("x", "correct"), ("Names?", " SELECT name")]]
+    got = tokenize_examples(tok, [p for p, _ in pairs], [a for _, a in pairs])
+    for ex, (p, a) in zip(got, pairs):
+        assert ex["input_ids"] == tok.encode(p) + tok.encode(a + "<|im_end|>")
+        assert ex["labels"] == [IGNORE] * len(tok.encode(p)) + tok.encode(a + "<|im_end|>")
 
 
 def test_batches_are_length_grouped_under_the_budget():

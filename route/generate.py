@@ -95,7 +95,9 @@ def attention_mask(valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
     """logits (B, vocab) -> token ids (B,). temperature 0 is greedy."""
     if temperature <= 0:
-        return logits.argmax(-1)
+        # max().indices, not argmax(): the same first-maximum index, but torch's CPU argmax over a 150k bf16
+        # vocabulary is ~5x slower (4 ms of a 46 ms batch-16 decode step here)
+        return logits.max(-1).indices
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
         sorted_p, idx = probs.sort(dim=-1, descending=True)

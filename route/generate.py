@@ -220,7 +220,7 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
 
 
 def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature, top_p, gen, stop, keep_stop,
-               st: Stats, cuda_graphs: bool = True):
+               st: Stats, cuda_graphs: bool):
     p = next(model.parameters())
     B = len(rows)
     P = max(r.n_prefix for r in rows)

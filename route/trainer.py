@@ -517,8 +517,8 @@ def train(model: Transformer, examples: list[dict], cfg: TrainConfig, eval_examp
     fpt = flops_per_token(core, full)
     peak, peak_src = (cfg.peak_tflops * 1e12, "given") if cfg.peak_tflops else peak_flops(device, dtype)
     n_train = sum(p.numel() for _, p in trainable)
-    log(f"{len(examples)} examples, {total} steps ({epoch_ends[-1]:.2f} epochs) of {group} micro-batches, {n_train / 1e6:.2f}M trainable "
-        f"parameters, {str(dtype).removeprefix('torch.')} on {device}, world size {world}; MFU counts "
+    log(f"{len(examples)} examples, {total} steps ({epoch_ends[-1]:.2f} epochs) of {group} micro-batches, "
+        f"{n_train / 1e6:.2f}M trainable parameters, {str(dtype).removeprefix('torch.')} on {device}, world size {world}; MFU counts "
         f"{'6N' if full else '4N'} = {fpt / 1e9:.2f} GFLOP per token against {peak / 1e12:.2f} TFLOP/s ({peak_src})")
 
     if eval_examples and cfg.eval_every and start == 0:  # where the curve starts: the untrained model

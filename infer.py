@@ -30,6 +30,13 @@ def parse_args(argv=None):
     ap.add_argument("--no-adapter", action="store_true", help="do not use the adapter shipped for the default model")
     ap.add_argument("--fewshot", choices=["auto", "yes", "no"], default="auto",
                     help="few-shot SL/NC/CW prompts (auto: yes unless a fine-tuned adapter is used)")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="sampled TS candidates per question that vote with the greedy ones by execution result")
+    ap.add_argument("--temperature", type=float, default=0.8, help="for --samples")
+    ap.add_argument("--seed", type=int, default=0, help="for --samples")
+    ap.add_argument("--no-repair", action="store_true", help="no schema-based repair of failing SQL")
+    ap.add_argument("--no-recall-sl", action="store_true",
+                    help="a table SL names without a known column keeps only its keys (not all its columns)")
     ap.add_argument("--data", default=None, help="dataset root in Spider or BIRD layout (default: data/demo)")
     ap.add_argument("--split", default="dev", help="split name or JSON file within --data")
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
@@ -98,7 +105,9 @@ def main(argv=None):
           f"{'few-shot' if fewshot else 'zero-shot'} prompts")
 
     t0 = time.perf_counter()
-    traces, times = run_chain(model, tok, ds.examples, steps=steps, fewshot=fewshot,
+    traces, times = run_chain(model, tok, ds.examples, steps=steps, fewshot=fewshot, samples=args.samples,
+                              temperature=args.temperature, seed=args.seed, repair=not args.no_repair,
+                              recall_sl=not args.no_recall_sl,
                               batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse)
     total = time.perf_counter() - t0
 

@@ -79,7 +79,7 @@ def main(argv=None):
 
     def tokenized(name):
         records = load_records(data_dir / f"{name}.jsonl", tasks)
-        return tokenize_examples(tok, [prompts.render(tok, r["messages"], r["answer_start"]) for r in records],
+        return tokenize_examples(tok, [prompts.cut(tok, r["task"], r["messages"], r["answer_start"]) for r in records],
                                  [r["target"] for r in records])
 
     train_set, val_set = tokenized("train"), tokenized("val")

@@ -23,6 +23,16 @@ class DatasetError(ValueError):
     pass
 
 
+# The validation split: whole databases of Spider's train_spider.json held out of MSFT training (msft.build
+# skips them), so that every choice (recipe, data mix, prompts, which adapter ships) is made cross-database,
+# as Spider dev tests it, and never on dev questions. Chosen once: the 69 training databases with at most 40
+# questions and a file in the official download, shuffled with random.Random(0), the first 15: 314 questions.
+# `load_dataset(root, "val")` reads them.
+VALIDATION_DBS = ("epinions_1", "station_weather", "wedding", "news_report", "farm", "mountain_photos",
+                  "local_govt_in_alabama", "school_bus", "railway", "game_injury", "party_host", "body_builder",
+                  "entertainment_awards", "riding_club", "company_1")
+
+
 @dataclass
 class Example:
     question: str
@@ -87,8 +97,8 @@ def _files_and_db_dirs(root: Path, kind: str, split: str) -> tuple[list[Path], l
             db_dirs = [root / f"{stem}_databases"] + sorted(root.glob("*_databases"))
         return [path], db_dirs
     if kind == "spider":
-        files = [root / "train_spider.json", root / "train_others.json"] if split == "train" else [
-            root / f"{split}.json"]
+        files = {"train": [root / "train_spider.json", root / "train_others.json"],
+                 "val": [root / "train_spider.json"]}.get(split, [root / f"{split}.json"])
         db_dirs = [root / "test_database", root / "database"] if split == "test" else [root / "database"]
         return files, db_dirs
     return [root / f"{split}.json"], [root / f"{split}_databases"]
@@ -96,7 +106,8 @@ def _files_and_db_dirs(root: Path, kind: str, split: str) -> tuple[list[Path], l
 
 def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
     """Examples of a Spider or BIRD split. `split` is a name ("dev", "train", "test"; Spider's train is
-    train_spider.json + train_others.json) or a JSON file in the official format (e.g. dev_sample.json)."""
+    train_spider.json + train_others.json; "val" is this project's validation split, VALIDATION_DBS's
+    questions in train_spider.json) or a JSON file in the official format (e.g. dev_sample.json)."""
     root = Path(root)
     kind = layout(root)
     files, db_dirs = _files_and_db_dirs(root, kind, str(split))
@@ -115,6 +126,8 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
                 raise DatasetError(f"{path}: example {i} is not a dict with a 'question' string and a 'db_id'"
                                    ) from None
             position += 1
+            if split == "val" and kind == "spider" and db_id not in VALIDATION_DBS:
+                continue
             db_path = next((d / db_id / f"{db_id}.sqlite" for d in db_dirs
                             if (d / db_id / f"{db_id}.sqlite").is_file()), None)
             if db_path is None:
@@ -122,7 +135,7 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
                 missing.add(db_id)
                 continue
             examples.append(Example(question, db_id, db_path, gold, evidence, index, r.get("difficulty", "")))
-    name = f"{kind}/{files[0].stem if len(files) == 1 else split}"
+    name = f"{kind}/{Path(split).stem}"
     return Dataset(name, examples, skipped, missing)
 
 

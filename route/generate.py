@@ -154,13 +154,12 @@ class _Row:
         return sum(map(len, self.prefix))
 
 
-def _split(tok, prompt, reuse: bool) -> tuple[tuple[tuple[int, ...], ...], list[int]]:
-    parts = prompt if isinstance(prompt, tuple) else (prompt,)
-    ids = [tok.encode(x) if isinstance(x, str) else list(x) for x in parts]  # each part encoded on its own
+def _split(ids: list[list[int]], reuse: bool) -> tuple[tuple[tuple[int, ...], ...], list[int]]:
+    """A prompt's per-part ids (Tokenizer.encode_parts) -> (cacheable levels, the rest to prefill)."""
     levels = tuple(tuple(x) for x in ids[:-1] if x)
     rest = ids[-1]
     if not reuse or not rest:  # (with no rest the prompt runs in full: its last token must yield logits)
-        return (), [t for level in levels for t in level] + rest or [tok.pad_id]
+        return (), [t for level in levels for t in level] + rest
     return levels, rest
 
 
@@ -187,7 +186,7 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
     """
     t0 = time.perf_counter()
     st = Stats(prompts=len(prompts))
-    rows = [_Row(i, *_split(tok, p, reuse_prefix)) for i, p in enumerate(prompts)]
+    rows = [_Row(i, *_split(ids, reuse_prefix)) for i, ids in enumerate(tok.encode_parts(prompts))]
     st.prompt_tokens = sum(r.n_prefix + len(r.rest) for r in rows)
     cache = prefix_cache if prefix_cache is not None else PrefixCache()
     gen = torch.Generator(next(model.parameters()).device).manual_seed(seed) if temperature > 0 else None

@@ -3,8 +3,12 @@
 For a batch of questions, each step runs batched across all of them through generate():
   1. SL  schema linking: the SL answer (tables/columns as JSON) and a first "pre-SQL" written on the full
          schema; the pruned schema keeps the union of what SL names and what the pre-SQL uses (read with
-         sqlglot), plus the keys that join the kept tables.
-  2. TS  text-to-SQL on the pruned schema.
+         sqlglot), plus the keys that join the kept tables. A table SL names without any column it can
+         resolve keeps all its columns: recall first, a missing column costs more than an extra one.
+  2. TS  text-to-SQL on the pruned schema: the greedy answer and `samples` sampled ones, which share the
+         prompt's KV cache so that only decoding multiplies. Every candidate (TS, samples, pre-SQL) that fails
+         is repaired from the schema where the repair is unambiguous (repair.py), then they vote by execution
+         result (vote.py): the largest group of equal results answers, the greedy TS breaks ties.
   3. NC  noise correction: the SQL is run; the model sees the question, the SQL and the execution result
          (or error) and says `correct` or gives a fix. A fix is accepted only if it executes.
   4. CW  continuation writing: SQL that fails, or joins three or more tables, is rewritten from `SELECT`;
@@ -17,8 +21,10 @@ from dataclasses import dataclass, field
 
 from . import prompts
 from .database import open_database
-from .generate import PrefixCache, Stats, generate
+from .generate import PrefixCache, generate
+from .repair import repair as repair_sql
 from .sql import count_tables, used_schema
+from .vote import Candidate, vote
 
 STEPS = ("sl", "nc", "cw")
 MAX_NEW = {"sl": 128, "ts": 256, "nc": 256, "cw": 256}
@@ -33,7 +39,9 @@ class Trace:
     linked: dict = field(default_factory=dict)
     pre_sql: str = ""
     pruned_schema: str = ""
-    ts_sql: str = ""
+    ts_sql: str = ""    # the greedy TS answer, as written
+    candidates: list = field(default_factory=list)  # vote.Candidate as dicts: sql, source, error, group
+    vote_sql: str = ""  # the candidate the vote chose (what a chain without NC and CW answers)
     nc_answer: str = ""
     nc: str = ""        # "correct", "fixed", "fix rejected" or "kept" (no verdict, no usable fix)
     nc_sql: str = ""    # the SQL after NC (what a chain without CW answers)
@@ -52,11 +60,13 @@ def _merge(*links: dict[str, set[str]]) -> dict[str, set[str]]:
     return out
 
 
-def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, sample_rows: int = 3,
-              batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True,
+def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0,
+              temperature: float = 0.8, seed: int = 0, repair: bool = True, recall_sl: bool = True,
+              sample_rows: int = 3, batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True,
               timeout: float = 10.0, generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
-    """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL.
-    generate_fn stands in for generate() in tests (a scripted model)."""
+    """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
+    samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
+    question (temperature, seed) for the vote. generate_fn stands in for generate() in tests."""
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
@@ -65,41 +75,69 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, sample_ro
     schemas = {db.path: db.schema_prompt(sample_rows=sample_rows) for db in dbs}
     traces = [Trace(e.question, e.db_id) for e in examples]
 
-    def ask(task, items, name=None):
+    def ask(task, items, name=None, prefix_cache=cache, **kw):
         """items: (index, prompt parts); returns the answers in order."""
+        if not items:
+            return []
         t0 = time.perf_counter()
-        st = Stats()
         outs = generate_fn(model, tok, [p for _, p in items], max_new_tokens=MAX_NEW[task], stop=prompts.STOP[task],
-                           keep_stop=task == "nc",
-                        batch_tokens=batch_tokens, prefix_cache=cache, reuse_prefix=reuse_prefix, stats=st,
-                        progress=progress, desc=name or task)
+                           keep_stop=task == "nc", batch_tokens=batch_tokens, prefix_cache=prefix_cache,
+                           reuse_prefix=reuse_prefix, progress=progress, desc=name or task, **kw)
         times[name or task] = times.get(name or task, 0.0) + time.perf_counter() - t0
         return outs
 
     def full(task, i, e, **kw):
         return prompts.build(tok, task, schemas[dbs[i].path], e.question, e.evidence, fewshot, **kw)
 
-    # 1. Schema linking: SL answers and pre-SQL share the full-schema prefix, so they run in one call.
+    def run(i, sql):
+        """(sql, its execution), repaired from the schema first if it fails and a repair runs."""
+        res = dbs[i].execute(sql, timeout=timeout)
+        if res.error is not None and repair and (fixed := repair_sql(sql, dbs[i])):
+            if (res2 := dbs[i].execute(fixed, timeout=timeout)).error is None:
+                return fixed, res2
+        return sql, res
+
+    # 1. Schema linking: SL answers and pre-SQL share the full-schema prefix (computed once, cached).
     if "sl" in steps:
-        n = len(examples)
-        outs = ask("ts", [(i, full("sl", i, e)) for i, e in enumerate(examples)] +
-                   [(i, full("ts", i, e)) for i, e in enumerate(examples)], "sl+pre-sql")
+        sl_outs = ask("sl", [(i, full("sl", i, e)) for i, e in enumerate(examples)])
+        pre_outs = ask("ts", [(i, full("ts", i, e)) for i, e in enumerate(examples)], "pre-sql")
         for i, tr in enumerate(traces):
-            tr.sl_answer, tr.pre_sql = outs[i], prompts.parse_sql(outs[n + i])
-            tr.linked = _merge(prompts.parse_links(tr.sl_answer, dbs[i]), used_schema(tr.pre_sql, dbs[i]))
+            tr.sl_answer, tr.pre_sql = sl_outs[i], prompts.parse_sql(pre_outs[i])
+            linked = prompts.parse_links(tr.sl_answer, dbs[i])
+            if recall_sl:  # a table named without a column that resolves keeps all its columns
+                linked = {t: cols or {c.name for c in dbs[i].table(t).columns} for t, cols in linked.items()}
+            tr.linked = _merge(linked, used_schema(tr.pre_sql, dbs[i]))
             if tr.linked:
                 tr.pruned_schema = dbs[i].schema_prompt(keep=tr.linked, sample_rows=sample_rows)
 
-    # 2. Text-to-SQL, on the pruned schema where there is one. A pruned prompt is unique to its question,
-    # so it is passed whole (not cut into cacheable parts) to keep the prefix cache for shared prefixes.
+    # 2. Text-to-SQL, on the pruned schema where there is one. A pruned prompt is unique to its question: it
+    # goes as token ids (encoded part by part, as in training) with all but its last token one cache level,
+    # which the greedy answer and the samples share, in a cache of their own that dies with this step.
     items = []
     for i, (e, tr) in enumerate(zip(examples, traces)):
         if tr.pruned_schema:
-            items.append((i, "".join(prompts.build(tok, "ts", tr.pruned_schema, e.question, e.evidence))))
+            parts = tok.encode_parts([prompts.build(tok, "ts", tr.pruned_schema, e.question, e.evidence)])[0]
+            ids = [t for part in parts for t in part]
+            items.append((i, (ids[:-1], ids[-1:])))
         else:
             items.append((i, full("ts", i, e)))
-    for (i, _), out in zip(items, ask("ts", items)):
-        traces[i].ts_sql = traces[i].sql = prompts.parse_sql(out)
+    ts_cache = PrefixCache(max_bytes=1 << 30)
+    for (i, _), out in zip(items, ask("ts", items, prefix_cache=ts_cache)):
+        traces[i].ts_sql = prompts.parse_sql(out)
+    sampled = ask("ts", [it for it in items for _ in range(samples)], "samples", prefix_cache=ts_cache,
+                  temperature=temperature, seed=seed)
+    for k, (i, _) in enumerate(items):
+        tr = traces[i]
+        cands = [Candidate(tr.ts_sql, "ts")] + ([Candidate(tr.pre_sql, "pre-sql")] if tr.pre_sql else []) + \
+            [Candidate(prompts.parse_sql(sampled[k * samples + j]), f"sample {j + 1}") for j in range(samples)]
+        written = [c.sql for c in cands]
+        for c in cands:
+            sql, res = run(i, c.sql)
+            c.source += "+repair" if sql != c.sql else ""
+            c.sql, c.error, c.rows = sql, res.error, res.rows
+        tr.sql = tr.vote_sql = cands[vote(cands)].sql
+        tr.candidates = [{"sql": c.sql, "written": w, "source": c.source, "error": c.error, "group": c.group}
+                         for c, w in zip(cands, written)]
 
     # 3. Noise correction with execution feedback.
     if "nc" in steps:
@@ -113,10 +151,8 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, sample_ro
             if ok:
                 tr.nc = "correct"
             elif fix and fix.strip() != tr.sql.strip():
-                if dbs[i].execute(fix, timeout=timeout).error is None:
-                    tr.nc, tr.sql = "fixed", fix
-                else:
-                    tr.nc = "fix rejected"
+                fix, res = run(i, fix)
+                tr.nc, tr.sql = ("fixed", fix) if res.error is None else ("fix rejected", tr.sql)
             else:
                 tr.nc = "kept"
             tr.nc_sql = tr.sql
@@ -127,17 +163,16 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, sample_ro
                 if db.execute(tr.sql, timeout=timeout).error is not None or count_tables(tr.sql) >= 3]
         # "SELECT" without its space: training cuts queries at token boundaries the same way (msft.py)
         items = [(i, full("cw", i, examples[i], partial="SELECT")) for i in todo]
-        for (i, _), out in zip(items, ask("cw", items) if items else []):
+        for (i, _), out in zip(items, ask("cw", items)):
             tr = traces[i]
             tr.cw_answer = out
-            sql = prompts.parse_sql(out, partial="SELECT")
-            res = dbs[i].execute(sql, timeout=timeout)
+            sql, res = run(i, prompts.parse_sql(out, partial="SELECT"))
             if res.error is None and res.rows:
                 tr.cw, tr.sql = "used", sql
             else:
                 tr.cw = "rejected"
 
-    for db, tr in zip(dbs, traces):
-        res = db.execute(tr.sql, timeout=timeout)
+    for i, tr in enumerate(traces):
+        tr.sql, res = run(i, tr.sql)
         tr.error, tr.rows = res.error, [list(r) for r in res.rows[:20]]
     return traces, times

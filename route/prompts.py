@@ -109,14 +109,22 @@ def render(tok, msgs: list[dict], answer_start: str) -> str:
     return tok.chat(msgs) + answer_start
 
 
+def cut(tok, task: str, msgs: list[dict], answer_start: str, fewshot: bool = False) -> tuple[str, str, str]:
+    """A task prompt rendered with the model's chat format, cut into its three cache parts: [..schema],
+    [instructions], [question and inputs..answer start]. Training (train.py) and inference (build) both cut
+    here, and the tokenizer encodes each part on its own (Tokenizer.encode_parts), so a fine-tuned model sees
+    at inference the very token ids it was trained on."""
+    text = render(tok, msgs, answer_start)
+    task_text = instructions(task, fewshot)
+    cut1 = text.index(f"\n\n{task_text}\n\n")  # the user turn is schema, instructions, inputs
+    cut2 = cut1 + 2 + len(task_text)
+    return text[:cut1], text[cut1:cut2], text[cut2:]
+
+
 def build(tok, task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False,
           **inputs) -> tuple[str, str, str]:
     """Render one task prompt with the model's chat format, cut into its three cache parts."""
-    text = render(tok, *messages(task, schema, question, evidence, fewshot, **inputs))
-    task_text = instructions(task, fewshot)
-    cut1 = text.index(schema) + len(schema)
-    cut2 = text.index(task_text, cut1) + len(task_text)
-    return text[:cut1], text[cut1:cut2], text[cut2:]
+    return cut(tok, task, *messages(task, schema, question, evidence, fewshot, **inputs), fewshot)
 
 
 # Where generation stops. NC keeps its stop string (mcp.py passes keep_stop): "correct\n" ends a verdict that

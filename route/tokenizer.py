@@ -70,6 +70,15 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_parts(self, prompts: list) -> list[list[list[int]]]:
+        """The one tokenization of prompts, for training and for inference. A prompt is a string or a tuple of
+        parts (strings or token-id lists); each part is encoded on its own, so the cut points between parts
+        are token boundaries whether or not a prefix comes from a cache. (BPE merges across a cut otherwise:
+        "')]" + "\n\n" encodes differently from "')]\n\n".) Returns each prompt's list of per-part ids."""
+        parts = [p if isinstance(p, tuple) else (p,) for p in prompts]
+        encoded = iter(self.encode_batch([x for ps in parts for x in ps if isinstance(x, str)]))
+        return [[next(encoded) if isinstance(x, str) else list(x) for x in ps] for ps in parts]
+
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 

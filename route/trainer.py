@@ -95,19 +95,22 @@ def end_of_turn(tok) -> str:
     return {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[tok.format]
 
 
-def tokenize_example(tok, prompt: str, answer: str, close_turn: bool = True) -> dict:
-    """A training example from a formatted prompt (e.g. tok.chat(messages)) and its answer text.
+def tokenize_example(tok, prompt, answer: str, close_turn: bool = True) -> dict:
+    """A training example from a formatted prompt (a string, e.g. tok.chat(messages), or its cache parts from
+    prompts.cut) and its answer text.
 
-    Prompt and answer are encoded separately, exactly as at inference (the model sees the prompt's tokens,
-    then generates), and the end-of-turn token is appended to the answer so the model learns to stop.
+    The prompt goes through Tokenizer.encode_parts, exactly as generate() encodes it at inference, and the
+    answer is encoded on its own (the model sees the prompt's tokens, then generates); the end-of-turn token
+    is appended to the answer so the model learns to stop.
     """
     return tokenize_examples(tok, [prompt], [answer], close_turn)[0]
 
 
-def tokenize_examples(tok, prompts: list[str], answers: list[str], close_turn: bool = True) -> list[dict]:
+def tokenize_examples(tok, prompts: list, answers: list[str], close_turn: bool = True) -> list[dict]:
     """tokenize_example for many pairs at once: the tokenizers library encodes a batch on all cores."""
     eot = end_of_turn(tok) if close_turn else ""
-    ps, ans = tok.encode_batch(prompts), tok.encode_batch([a + eot for a in answers])
+    ps = [[t for part in parts for t in part] for parts in tok.encode_parts(prompts)]
+    ans = tok.encode_batch([a + eot for a in answers])
     return [{"input_ids": p + a, "labels": [IGNORE] * len(p) + a} for p, a in zip(ps, ans)]
 
 

@@ -30,8 +30,10 @@ SCRIPT = {
     "How many singers are there?": {
         "sl": '{"singer": ["id"]}', "ts": "SELECT count(*) FROM singer", "nc": "correct"},
     "List the singer names.": {  # TS fails, NC's fix fails too (rejected), CW rescues it
-        "sl": '{"singer": ["name"]}', "ts": "SELECT nme FROM singer",
-        "nc": "wrong\n```sql\nSELECT nam FROM singer\n```", "cw": " name FROM singer```"},
+        "sl": '{"singer": ["name"]}', "ts": "SELECT song FROM singer",
+        "nc": "wrong\n```sql\nSELECT label FROM singer\n```", "cw": " name FROM singer```"},
+    "How old is each singer?": {  # TS misspells a column: repaired from the schema before anything else
+        "sl": '{"singer": ["name", "age"]}', "ts": "SELECT nme, age FROM singer", "nc": "correct"},
     "Which singers are from France?": {  # SL names no join key: pruning must add it
         "sl": '{"singer": ["name"], "country": ["name"]}',
         "ts": "SELECT T1.name FROM singer AS T1 JOIN country AS T2 ON T1.country_id = T2.id "
@@ -53,7 +55,7 @@ def scripted(calls):
     def fake_generate(model, tok, prompt_list, **kw):
         outs = []
         for parts in prompt_list:
-            text = "".join(parts)
+            text = "".join(x if isinstance(x, str) else tok.decode(x, skip_special=False) for x in parts)
             task = next(t for marker, t in TASKS.items() if marker in text)
             question = re.search(r"### Question: (.*?)(?:<\|im_end\|>|\n)", text).group(1)
             calls.append((task, question, text))
@@ -89,12 +91,16 @@ def test_acceptance_rules(db_path, tiny_engine):
     assert oldest.linked.keys() == {"singer"}  # recovered from prose + the pre-SQL
     assert oldest.nc == "fixed" and oldest.rows == [["Bo"]]
 
+    old = by_q["How old is each singer?"]
+    assert old.ts_sql == "SELECT nme, age FROM singer" and old.candidates[0]["source"] == "ts+repair"
+    assert old.sql == "SELECT name, age FROM singer" and len(old.rows) == 3
+
     peru = by_q["Which concerts had singers from Peru?"]
     assert peru.cw == "rejected" and peru.sql.count("JOIN") == 2  # CW's empty result is not accepted
 
     cw_asked = {q for task, q, _ in calls if task == "cw"}
     assert cw_asked == {"List the singer names.", "Which concerts had singers from Peru?"}
-    assert set(times) == {"sl+pre-sql", "ts", "nc", "cw"}
+    assert set(times) == {"sl", "pre-sql", "ts", "nc", "cw"}
 
 
 def test_steps_can_be_switched_off(db_path, tiny_engine):
@@ -103,7 +109,7 @@ def test_steps_can_be_switched_off(db_path, tiny_engine):
     examples = [Example(q, "music", db_path) for q in SCRIPT]
     traces, _ = run_chain(model, tok, examples, steps=(), generate_fn=scripted(calls), progress=False)
     assert {task for task, _, _ in calls} == {"ts"}
-    assert traces[1].sql == "SELECT nme FROM singer" and traces[1].error  # nothing rescued it
+    assert traces[1].sql == "SELECT song FROM singer" and traces[1].error  # nothing rescued it
     with pytest.raises(ValueError, match="unknown MCP steps"):
         run_chain(model, tok, examples, steps=("sl", "xx"), progress=False)
 

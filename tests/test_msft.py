@@ -130,3 +130,67 @@ def test_canonical_gold_uses_the_schema_spelling(examples):
     assert msft.canonical_sql(gold, parse(gold), db, db.execute(gold).rows, 5.0) == want
     # a rewrite that would change the result is refused: the gold stays as written (here: a wrong gold_rows)
     assert msft.canonical_sql(gold, parse(gold), db, [("nobody", 0)], 5.0) == gold
+
+
+def _tokenizer(which, tmp_path):
+    from route.tokenizer import Tokenizer
+    if which == "real":
+        from route.hub import resolve_model
+        return Tokenizer.from_dir(resolve_model(None))
+    from tiny import write_tiny_tokenizer
+    write_tiny_tokenizer(tmp_path, "qwen2")
+    return Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
+def test_training_prompt_ids_are_what_inference_feeds(examples, tmp_path, which):
+    """Every prompt the chain hands to generate() (SL, pre-SQL, TS on the pruned schema, NC, CW) becomes,
+    inside generate(), exactly the token ids that train.py makes of the MSFT record with the same inputs,
+    with and without prefix reuse. (Encoding the prompt as one string gives other ids at the cuts.)"""
+    from route.generate import _split
+    from route.mcp import run_chain
+    from route.trainer import IGNORE, tokenize_examples
+
+    tok = _tokenizer(which, tmp_path)
+    ex = examples[2]
+    db = open_database(ex.db_path)
+    handed = []  # (task, prompt) as run_chain passes them to generate()
+    answers = {"ts": "SELECT nme FROM singer", "sl": '{"singer": ["name"]}', "nc": "correct", "cw": " name FROM x"}
+
+    def recording_generate(model, tok, prompt_list, **kw):
+        outs = []
+        for p in prompt_list:
+            t = next(t for t in ("sl", "ts", "nc", "cw") if prompts.INSTRUCTIONS[t] in _text(tok, p))
+            handed.append((t, p))
+            outs.append(answers[t])
+        return outs
+
+    traces, _ = run_chain(None, tok, [ex], fewshot=False, generate_fn=recording_generate, progress=False)
+    tr = traces[0]
+    assert tr.pruned_schema and tr.cw  # every step ran, TS on a pruned schema
+    schema = db.schema_prompt(sample_rows=3)
+    run = db.execute(tr.ts_sql)
+    inputs = {"sl": [(schema, {})], "ts": [(schema, {}), (tr.pruned_schema, {})],
+              "nc": [(schema, {"sql": tr.ts_sql, "execution": prompts.describe_execution(run)})],
+              "cw": [(schema, {"partial": "SELECT"})]}
+    trained = {}
+    for task, cases in inputs.items():
+        for sch, kw in cases:
+            r = msft._record(task, ex, sch, {"sl": {"singer": {"name"}}, "nc": None}.get(task, "SELECT 1"), **kw)
+            ids = tokenize_examples(tok, [prompts.cut(tok, task, r["messages"], r["answer_start"])], [r["target"]])[0]
+            trained.setdefault(task, []).append(ids["input_ids"][:ids["labels"].index(next(
+                t for t in ids["labels"] if t != IGNORE))])
+    assert {t for t, _ in handed} == set(inputs) and len(handed) == 5
+    for task, p in handed:
+        for reuse in (True, False):
+            levels, rest = _split(tok.encode_parts([p])[0], reuse)
+            fed = [t for level in levels for t in level] + rest
+            assert fed in trained[task], (task, reuse)
+    whole = [tok.encode("".join(p)) for t, p in handed if isinstance(p[0], str)]
+    if which == "real":  # the old path (one string) really differs, so this test can tell them apart
+        assert any(w not in trained[t] for w, (t, _) in zip(whole, [h for h in handed if isinstance(h[1][0], str)]))
+
+
+def _text(tok, prompt):
+    parts = prompt if isinstance(prompt, tuple) else (prompt,)
+    return "".join(x if isinstance(x, str) else tok.decode(x, skip_special=False) for x in parts)

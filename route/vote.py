@@ -1,0 +1,44 @@
+"""Execution-guided selection: answer with the result most candidate queries agree on.
+
+The chain writes several queries per question (the pre-SQL on the full schema, TS on the pruned schema, TS
+samples). Queries that fail are dropped; the others are grouped by their results, with Spider's own notion
+of equal results (evaluate.results_match: rows as a multiset, in order only when both queries order them,
+columns in any order), and the largest group answers. Ties go to the group of the earliest candidate, so
+callers list the greedy TS answer first. A self-consistency vote (Wang et al., 2023) over execution results,
+as in the text-to-SQL systems ROUTE compares with.
+"""
+from dataclasses import dataclass
+
+from .evaluate import results_match
+from .sql import order_matters
+
+
+@dataclass
+class Candidate:
+    sql: str
+    source: str             # "ts", "pre-sql", "sample 3", ... ("+repair" when repair.py fixed it)
+    error: str | None = None
+    rows: list | None = None
+    group: int = -1         # which result group it joined (-1: failed, not voted)
+
+
+def vote(cands: list[Candidate]) -> int:
+    """The index of the candidate that answers: the first of the largest group of equal results, or 0 when
+    every candidate failed. Fills each candidate's `group`."""
+    groups: list[list[int]] = []
+    for i, c in enumerate(cands):
+        if c.error is not None:
+            continue
+        for g, members in enumerate(groups):
+            first = cands[members[0]]
+            ordered = order_matters(c.sql) and order_matters(first.sql)
+            if results_match(c.rows, first.rows, ordered):
+                members.append(i)
+                c.group = g
+                break
+        else:
+            c.group = len(groups)
+            groups.append([i])
+    if not groups:
+        return 0
+    return max(groups, key=len)[0]  # max() keeps the first of equal sizes: the earliest candidate's group

@@ -102,10 +102,10 @@ def run_session(chain, db_path, show_steps: bool = False, stdin=None, out=None) 
     db = open_database(db_path)  # fails here, before any question, on a file that is not SQLite
     tables = ", ".join(t.name for t in db.tables[:8]) + (", ..." if len(db.tables) > 8 else "")
     hint = "" if show_steps else " Type .explain to see the steps behind the last answer."
-    print(f"{db.name}: {len(db.tables)} tables ({tables}). Ask a question; an empty line, Ctrl-D or Ctrl-C "
-          f"ends.{hint}", file=out, flush=True)
     last = None
     try:
+        print(f"{db.name}: {len(db.tables)} tables ({tables}). Ask a question; an empty line, Ctrl-D or Ctrl-C "
+              f"ends.{hint}", file=out, flush=True)
         for q in _questions(stdin, out):
             if q == ".explain":
                 print(explain(last) if last else "no question answered yet", file=out)

@@ -108,7 +108,9 @@ def test_shipped_adapter_export_matches_route(tmp_path):
         assert (got - want).abs().max() < 1e-3 * want.abs().max()
         assert torch.equal(got[0, -1].argmax(), want[0, -1].argmax())
         del hf
-        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), SHIPPED).eval()
+        # the base's config says bfloat16, which transformers 5 loads as such: ask for fp32 to compare
+        fp32_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        peft = PeftModel.from_pretrained(fp32_base, SHIPPED).eval()
         assert (peft(x).logits - got).abs().max() < 1e-3 * want.abs().max()
 
 

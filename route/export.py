@@ -37,31 +37,29 @@ def base_for(adapter_cfg: dict, model: str | None = None) -> Path:
     return hub.resolve_model(None)
 
 
-def _about(base: Path) -> tuple[str, str]:
-    """(what the base is, its license), from the provenance route.convert writes, or the directory name."""
+def _about(base: Path) -> tuple[str, str, str]:
+    """(what the base is, where it comes from, its license), from the provenance route.convert writes."""
     prov = base / "provenance.json"
     about = json.loads(prov.read_text()).get("about", {}) if prov.is_file() else {}
-    name = about.get("name") or base.name
-    if about.get("upstream"):
-        name += f" (upstream: {about['upstream']})"
-    return name, about.get("license") or "the base model's license (see its model card)"
+    return (about.get("name") or base.name, about.get("upstream") or "",
+            about.get("license") or "the base model's license (see its model card)")
 
 
 def write_card(out: Path, base: Path, adapter: Path, adapter_cfg: dict, dtype: str, command: str):
-    name, license_ = _about(base)
+    name, upstream, license_ = _about(base)
     card = adapter / "README.md"
     if card.is_file():  # the adapter's card travels with the weights it shaped: its data, results and terms
         (out / "ADAPTER_CARD.md").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
-    targets = ", ".join(adapter_cfg["target_modules"]) if isinstance(adapter_cfg["target_modules"], list) \
-        else adapter_cfg["target_modules"]
+    targets = adapter_cfg["target_modules"]
+    targets = ", ".join(targets) if isinstance(targets, list) else targets
     (out / "README.md").write_text(f"""# {out.name}
 
-{name}, with the LoRA adapter `{adapter.name}` merged into its weights: a plain Hugging Face checkpoint in
-{dtype} (W + alpha/r * B A computed in fp32 and rounded once). No PEFT or LoRA code is needed to use it.
+{name} with the LoRA adapter `{adapter.name}` merged into its weights: a plain Hugging Face checkpoint in
+{dtype} (W + alpha/r * B A computed in fp32, rounded once). No PEFT or LoRA code is needed to use it.
 
-- Base model: `{base.name}`: {name}
+- Base model: `{base.name}` ({name}){f"; upstream: {upstream}" if upstream else ""}
 - Adapter: `{adapter.name}` (LoRA r={adapter_cfg['r']}, alpha={adapter_cfg['lora_alpha']}, on {targets}){
-    '; its card is copied here as `ADAPTER_CARD.md`' if card.is_file() else ''}
+    "; its card is copied here as `ADAPTER_CARD.md`" if card.is_file() else ""}
 - License: {license_}, as the base model's; the adapter's training data may add terms (see its card).
 - Made by route: `{command}`
 
@@ -70,7 +68,7 @@ Load it (from the directory that holds `{out.name}`):
 ```
 python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{out.name}')"
 vllm serve {out.name}
-python infer.py --model {out.name} --mcp --db my.sqlite
+python infer.py --model {out.name} --fewshot no --mcp --db my.sqlite   # tuned: the zero-shot prompts
 ```
 """, encoding="utf-8")
 

@@ -109,8 +109,8 @@ def main(argv=None):
     # the chain with this run's options: a dataset run and a session call the same thing
     chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, batch_tokens=args.batch_tokens,
                     reuse_prefix=not args.no_prefix_reuse)
-    print(f"steps: {','.join(steps) or 'plain text-to-SQL'}, {'few-shot' if fewshot else 'zero-shot'} prompts"
-          + ("" if session else f", {len(ds.examples)} questions"))
+    print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "
+          f"{'few-shot' if fewshot else 'zero-shot'} prompts")
     if session:
         from route.session import run_session
         return run_session(chain, args.db, show_steps=args.explain)

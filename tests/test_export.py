@@ -56,7 +56,8 @@ def test_export_loads_in_transformers_with_its_true_dtype(tiny, tmp_path):
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
         assert (peft(x).logits - hf(x).logits).abs().max() < 1e-4
     text = "SELECT count(*) FROM singer"
-    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(base)(text)["input_ids"]
+    ids = AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+    assert ids == AutoTokenizer.from_pretrained(base)(text)["input_ids"]
     card = (out / "README.md").read_text()
     assert "Base model: `base`" in card and "Adapter: `adapter`" in card and "License:" in card
     assert f"--adapter {adapter} --out {out} --dtype fp32" in card

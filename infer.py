@@ -3,6 +3,7 @@
     python infer.py --mcp                                     # the default model on the demo data in data/demo
     python infer.py --mcp --data ../shared/data/spider --split dev_sample.json --out preds.jsonl
     python infer.py --mcp --db my.sqlite --question "How many singers do we have?"
+    python infer.py --mcp --db my.sqlite                      # an interactive session (route/session.py)
 
 Flow: resolve the model (fetching the default one on first use) -> load weights, tokenizer and the
 adapter -> route.mcp.run_chain -> print answers -> score them with route.evaluate when gold SQL is known.
@@ -12,6 +13,7 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,13 +42,15 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=None, help="dataset root in Spider or BIRD layout (default: data/demo)")
     ap.add_argument("--split", default="dev", help="split name or JSON file within --data")
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
-    ap.add_argument("--db", default=None, help="your own SQLite file (with --question)")
+    ap.add_argument("--db", default=None, help="your own SQLite file: with --question, or alone for a session")
     ap.add_argument("--question", default=None, help="a question about --db")
+    ap.add_argument("--explain", action="store_true", help="session: show what each step of the chain did")
     ap.add_argument("--batch-tokens", type=int, default=65536, help="token budget of one generation batch")
     ap.add_argument("--no-prefix-reuse", action="store_true", help="recompute shared prompt prefixes (slower)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="write per-question traces (JSONL)")
+    ap.add_argument("--out", default=None, help="write per-question traces (JSONL) and, beside them, the "
+                    "official prediction file (Spider: .sql; BIRD: .predict_<split>.json)")
     ap.add_argument("--quiet", action="store_true", help="no per-question printout")
     return ap.parse_args(argv)
 
@@ -63,6 +67,9 @@ def load_examples(args):
         print(f"skipped {ds.skipped} questions whose database is missing: {sorted(ds.missing_dbs)}")
     if args.limit:
         ds.examples = ds.examples[:args.limit]
+        # the prediction files then cover the input file up to the last question answered
+        last = ds.examples[-1].position if ds.examples else -1
+        ds.skipped_examples = [e for e in ds.skipped_examples if e.position < last]
     if not ds.examples:
         sys.exit(f"error: no questions to answer in {args.data or DEMO} ({args.split})")
     return ds
@@ -98,21 +105,32 @@ def main(argv=None):
         steps = tuple(s for s in args.steps.split(",") if s and s != "none")
     else:
         steps = STEPS if args.mcp else ()
-    ds = load_examples(args)
+    session = args.db is not None and args.question is None  # --db alone: questions from the terminal
+    if session:
+        from route.datasets import load_sqlite
+        load_sqlite(args.db, [])  # a missing or non-SQLite file fails now, not after loading the model
+    else:
+        ds = load_examples(args)
     model, tok, tuned = load_engine(args)
     fewshot = {"auto": not tuned, "yes": True, "no": False}[args.fewshot]
-    print(f"{len(ds.examples)} questions, steps: {','.join(steps) or 'plain text-to-SQL'}, "
+    # the chain with this run's options: a dataset run and a session call the same thing
+    chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=args.samples,
+                    temperature=args.temperature, seed=args.seed, repair=not args.no_repair,
+                    recall_sl=not args.no_recall_sl, batch_tokens=args.batch_tokens,
+                    reuse_prefix=not args.no_prefix_reuse)
+    print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "
           f"{'few-shot' if fewshot else 'zero-shot'} prompts")
+    if session:
+        from route.session import run_session
+        return run_session(chain, args.db, show_steps=args.explain)
 
     t0 = time.perf_counter()
-    traces, times = run_chain(model, tok, ds.examples, steps=steps, fewshot=fewshot, samples=args.samples,
-                              temperature=args.temperature, seed=args.seed, repair=not args.no_repair,
-                              recall_sl=not args.no_recall_sl,
-                              batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse)
+    traces, times = chain(ds.examples)
     total = time.perf_counter() - t0
 
     has_gold = all(e.gold_sql for e in ds.examples)
-    report = evaluate([t.sql for t in traces], ds.examples, skipped=ds.skipped) if has_gold else None
+    mode = "bird" if ds.kind == "bird" else "spider"  # each benchmark's own EX rules (route/evaluate.py)
+    report = evaluate([t.sql for t in traces], ds.examples, mode, skipped=ds.skipped) if has_gold else None
     if not args.quiet:
         for i, (e, t) in enumerate(zip(ds.examples, traces)):
             print(f"\n[{e.db_id}] {e.question}\n  SQL: {t.sql}")
@@ -124,15 +142,45 @@ def main(argv=None):
     if report:
         print(report)
     if args.out:
-        with open(args.out, "w") as f:
-            for i, t in enumerate(traces):
-                row = asdict(t) | {"linked": {k: sorted(v) for k, v in t.linked.items()}}
-                if report:
-                    row["correct"] = report.results[i].correct
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            f.write(json.dumps({"summary": {"times": times, "total_seconds": total, "steps": list(steps),
-                                            "ex": report.accuracy if report else None}}) + "\n")
-        print(f"traces written to {args.out}")
+        summary = {"times": times, "total_seconds": total, "steps": list(steps),
+                   "ex": report.accuracy if report else None}
+        for what, path in write_outputs(args.out, ds, traces, report, summary):
+            print(f"{what} written to {path}")
+
+
+def prediction_path(out: Path, kind: str, split: str) -> Path | None:
+    """Where the official prediction file goes, beside the trace: runs/x.jsonl -> runs/x.sql (Spider), or
+    runs/x.predict_dev.json (BIRD, whose evaluator reads <--predicted_sql_path>predict_<--data_mode>.json, so
+    --predicted_sql_path runs/x. --data_mode dev finds it). None for a user's own database."""
+    if kind == "spider":
+        path = out.with_suffix(".sql")
+        return path if path != out else out.with_suffix(".pred.sql")
+    if kind == "bird":
+        return out.with_name(f"{out.stem}.predict_{Path(split).stem}.json")
+    return None
+
+
+def write_outputs(out, ds, traces, report, summary: dict) -> list[tuple[str, Path]]:
+    """The trace (JSONL: one row per question with the dataset's own id, then a summary row) and the
+    official prediction file of the dataset's kind; returns (what, path) for each file written."""
+    from route.evaluate import write_bird_preds, write_spider_preds
+
+    out = Path(out)
+    with open(out, "w", encoding="utf-8") as f:
+        for i, (e, t) in enumerate(zip(ds.examples, traces)):
+            ids = {ds.id_key: e.index, "position": e.position}  # e.g. {"dev_index": 12, "position": 3}
+            row = ids | asdict(t) | {"linked": {k: sorted(v) for k, v in t.linked.items()}}
+            if report:
+                row["correct"] = report.results[i].correct
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        f.write(json.dumps({"summary": summary}) + "\n")
+    written = [("traces", out)]
+    pred = prediction_path(out, ds.kind, ds.name.partition("/")[2])
+    if pred is not None:
+        write = write_bird_preds if ds.kind == "bird" else write_spider_preds
+        write(pred, ds.examples, [t.sql for t in traces], ds.skipped_examples)
+        written.append((f"{'BIRD' if ds.kind == 'bird' else 'Spider'} predictions", pred))
+    return written
 
 
 if __name__ == "__main__":

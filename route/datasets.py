@@ -42,6 +42,7 @@ class Example:
     evidence: str = ""  # BIRD's external knowledge: the prompt shows it as a hint
     index: int = 0  # the official id where the file has one (BIRD question_id, dev_index), else the position
     difficulty: str = ""  # the dataset's own label (BIRD: simple / moderate / challenging); "" for Spider
+    position: int = 0  # where it stands in the input file(s), counting skipped examples: line N of a prediction file
 
 
 @dataclass
@@ -50,6 +51,13 @@ class Dataset:
     examples: list[Example]
     skipped: int = 0  # examples dropped because their database file is missing
     missing_dbs: set[str] = field(default_factory=set)
+    skipped_examples: list[Example] = field(default_factory=list)  # in file order; their db_path does not exist
+    id_key: str = "position"  # the file's own id field: "question_id" (BIRD), "dev_index", or none (position)
+
+    @property
+    def kind(self) -> str:
+        """'spider', 'bird' or 'sqlite': which official prediction format fits (the name's first part)."""
+        return self.name.split("/")[0]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -111,7 +119,7 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
     root = Path(root)
     kind = layout(root)
     files, db_dirs = _files_and_db_dirs(root, kind, str(split))
-    examples, missing, skipped, position = [], set(), 0, 0
+    examples, missing, skipped, position, skipped_examples, id_key = [], set(), 0, 0, [], "position"
     for path in files:
         records = read_json(path)
         if not isinstance(records, list):
@@ -122,21 +130,27 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
                 gold = (r.get("query", r.get("SQL")) or "").strip()
                 evidence = (r.get("evidence") or "").strip()
                 index = int(r.get("question_id", r.get("dev_index", position)))
+                if position == 0:
+                    id_key = next((k for k in ("question_id", "dev_index") if k in r), "position")
             except (KeyError, TypeError, AttributeError, ValueError):
                 raise DatasetError(f"{path}: example {i} is not a dict with a 'question' string and a 'db_id'"
                                    ) from None
-            position += 1
             if split == "val" and kind == "spider" and db_id not in VALIDATION_DBS:
+                position += 1
                 continue
             db_path = next((d / db_id / f"{db_id}.sqlite" for d in db_dirs
                             if (d / db_id / f"{db_id}.sqlite").is_file()), None)
+            ex = Example(question, db_id, db_path or db_dirs[0] / db_id / f"{db_id}.sqlite", gold, evidence, index,
+                         r.get("difficulty", ""), position)
+            position += 1
             if db_path is None:
                 skipped += 1
                 missing.add(db_id)
+                skipped_examples.append(ex)
                 continue
-            examples.append(Example(question, db_id, db_path, gold, evidence, index, r.get("difficulty", "")))
+            examples.append(ex)
     name = f"{kind}/{Path(split).stem}"
-    return Dataset(name, examples, skipped, missing)
+    return Dataset(name, examples, skipped, missing, skipped_examples, id_key)
 
 
 def load_sqlite(path: str | Path, questions) -> Dataset:
@@ -154,5 +168,5 @@ def load_sqlite(path: str | Path, questions) -> Dataset:
     for i, q in enumerate(questions):
         q = {"question": q} if isinstance(q, str) else q
         gold = q.get("query", q.get("SQL", ""))
-        examples.append(Example(q["question"].strip(), path.stem, path, gold, q.get("evidence", ""), i))
+        examples.append(Example(q["question"].strip(), path.stem, path, gold, q.get("evidence", ""), i, position=i))
     return Dataset(f"sqlite/{path.stem}", examples)

@@ -10,17 +10,22 @@ benchmark's official script does:
           here only a top-level ORDER BY makes order matter, so a sorted subquery does not.
   bird    the two results compared as sets (BIRD's evaluation.py), columns in their order.
 
-    python -m route.evaluate --pred PRED --gold GOLD --db-root DIR [--out results.jsonl]
+    python -m route.evaluate --pred PRED --gold GOLD --db-root DIR [--mode spider|bird] [--out results.jsonl]
 
-PRED: one SQL per line (Spider's format; anything after a tab is ignored), JSONL ({"sql": ..., optional
-"index"}), or BIRD's predict_dev.json. GOLD: Spider's gold format ("SQL<tab>db_id" per line) or a dataset
-JSON file (dev.json, dev_sample.json, BIRD's dev.json).
+PRED: one SQL per line (Spider's format; anything after a tab is ignored), JSONL (infer.py's trace, or any
+{"sql": ...} rows, matched to the gold by "question_id", "dev_index", "index" or "position" when every row has
+one), or BIRD's predict_dev.json. GOLD: Spider's gold format ("SQL<tab>db_id" per line) or a dataset JSON file
+(dev.json, dev_sample.json, BIRD's dev.json). The mode defaults to BIRD's rules when either file is BIRD's.
+
+infer.py writes the official prediction files with write_spider_preds / write_bird_preds below, so the
+format each evaluator reads is defined next to the code that reads it back.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -162,6 +167,50 @@ def evaluate(preds, examples: list[Example] | Dataset, mode: str = "spider", tim
 
 # -- files -------------------------------------------------------------------------------------------------
 
+PLACEHOLDER = "SELECT 1"  # the answer of a question the chain could not answer: it runs, scores wrong, holds the line
+BIRD_SEP = "\t----- bird -----\t"  # BIRD's predict_dev.json values are "SQL<BIRD_SEP>db_id"
+_QUOTED = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")
+
+
+def flatten_sql(sql: str) -> str:
+    """SQL on one line. Spider's evaluator reads one query per line, splits each at its first tab and takes a
+    blank line for the end of a multi-turn session, so every whitespace run outside string literals becomes
+    one space, and the line breaks and tabs inside literals become spaces (other spaces there are kept)."""
+    parts = _QUOTED.split(sql or "")  # even parts lie outside quotes, odd parts are whole literals
+    return "".join(re.sub(r"\s+", " ", p) if i % 2 == 0 else re.sub(r"[\r\n\t]", " ", p)
+                   for i, p in enumerate(parts)).strip()
+
+
+def _in_file_order(examples, sqls, skipped) -> list[tuple[Example, str]]:
+    """(example, one-line SQL) for every position of the input file up to the last one given: the answered
+    examples with their SQL (PLACEHOLDER when empty), the skipped ones (database missing) with PLACEHOLDER."""
+    if len(sqls) != len(examples):
+        raise ValueError(f"{len(sqls)} SQL queries for {len(examples)} examples")
+    by_position = {e.position: (e, PLACEHOLDER) for e in skipped}
+    by_position |= {e.position: (e, flatten_sql(sql) or PLACEHOLDER) for e, sql in zip(examples, sqls)}
+    n = max(by_position, default=-1) + 1
+    gaps = [p for p in range(n) if p not in by_position]
+    if gaps:
+        raise ValueError(f"positions {gaps[:5]} are neither answered nor skipped: the file would shift lines")
+    return [by_position[p] for p in range(n)]
+
+
+def write_spider_preds(path: str | Path, examples, sqls, skipped=()) -> Path:
+    """Spider's official prediction file (test-suite-sql-eval's --pred): line N is question N of the input
+    file, including questions whose database is missing (`skipped`, answered with PLACEHOLDER)."""
+    rows = _in_file_order(examples, sqls, skipped)
+    Path(path).write_text("".join(sql + "\n" for _, sql in rows), encoding="utf-8")
+    return Path(path)
+
+
+def write_bird_preds(path: str | Path, examples, sqls, skipped=()) -> Path:
+    """BIRD's official predict_<split>.json: {"question_id": "SQL\t----- bird -----\tdb_id"} in file order
+    (its evaluator pairs the dict's values with the gold in order, so no question may be left out)."""
+    rows = _in_file_order(examples, sqls, skipped)
+    data = {str(e.index): f"{sql}{BIRD_SEP}{e.db_id}" for e, sql in rows}
+    Path(path).write_text(json.dumps(data, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    return Path(path)
+
 
 def read_gold(path: str | Path, db_root: str | Path) -> tuple[Dataset, list[int]]:
     """The gold examples (from Spider's gold format or a dataset JSON file) whose database exists under
@@ -202,10 +251,14 @@ def read_preds(path: str | Path, n_gold: int) -> list[str] | dict[int, str]:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: malformed JSON on line {n}, column {e.colno}: {e.msg}") from None
+            if "summary" in r and "sql" not in r:  # infer.py's last line: times and EX, not a prediction
+                continue
             sql = next((r[k] for k in ("sql", "pred", "prediction", "predicted_sql", "SQL", "query") if k in r), "")
             preds.append(sql or "")
-            if "index" in r or "question_id" in r:
-                by_index[int(r.get("index", r.get("question_id")))] = sql or ""
+            # the same id the gold side uses (read_gold: question_id, then dev_index, then the position)
+            key = next((k for k in ("question_id", "dev_index", "index", "position") if k in r), None)
+            if key is not None:
+                by_index[int(r[key])] = sql or ""
         return by_index if len(by_index) == len(preds) and by_index else preds
     if path.suffix == ".json":  # BIRD: {"0": "SQL\t----- bird -----\tdb_id", ...}, or a list of SQL strings
         data = read_json(path)
@@ -220,13 +273,25 @@ def read_preds(path: str | Path, n_gold: int) -> list[str] | dict[int, str]:
     return [line.split("\t")[0].strip() for line in lines]
 
 
+def is_bird(path: str | Path) -> bool:
+    """A BIRD file: a dataset JSON whose records carry BIRD's "SQL" field, or a predict_dev.json dict."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return False
+    data = read_json(path)
+    if isinstance(data, dict):
+        return any(isinstance(v, str) and BIRD_SEP in v for v in data.values())
+    return bool(data) and isinstance(data[0], dict) and "SQL" in data[0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m route.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pred", required=True, help="predictions: one SQL per line, .jsonl, or BIRD's .json")
     ap.add_argument("--gold", required=True, help="gold: 'SQL<tab>db_id' per line, or a dataset .json")
     ap.add_argument("--db-root", required=True, help="folder holding <db_id>/<db_id>.sqlite")
     ap.add_argument("--out", help="per-example results (JSONL); default: next to PRED, .results.jsonl")
-    ap.add_argument("--mode", choices=("spider", "bird"), default="spider")
+    ap.add_argument("--mode", choices=("spider", "bird"), default=None,
+                    help="whose rules (default: bird when the gold or the predictions are BIRD's files)")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per query")
     ap.add_argument("--keep-distinct", action="store_true", help="spider mode: do not strip DISTINCT")
     args = ap.parse_args(argv)
@@ -240,7 +305,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         preds = [preds[p] for p in positions]  # drop the predictions of skipped examples
-    report = evaluate(preds, gold, args.mode, args.timeout, args.keep_distinct)
+    mode = args.mode or ("bird" if is_bird(args.gold) or is_bird(args.pred) else "spider")
+    report = evaluate(preds, gold, mode, args.timeout, args.keep_distinct)
     out = Path(args.out) if args.out else Path(args.pred).with_suffix(".results.jsonl")
     report.write_jsonl(out)
     print(report)

@@ -25,7 +25,7 @@ from sqlglot import exp
 
 from . import prompts
 from .database import open_database
-from .datasets import load_dataset
+from .datasets import VALIDATION_DBS, load_dataset
 from .evaluate import results_match
 from .sql import clause_prefixes, order_matters, parse, used_schema
 
@@ -256,18 +256,27 @@ def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[st
 
 
 def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, seed: int = 0,
-          limit: int | None = None, val_share: float = 0.02, nc_from_model=None, **kw) -> dict:
-    """Build train.jsonl and val.jsonl (a held-out share of the *questions*) in `out`; returns the counts.
+          limit: int | None = None, val_questions: int = 60, nc_from_model=None, **kw) -> dict:
+    """Build train.jsonl and val.jsonl in `out`; returns the counts. Spider's validation databases
+    (datasets.VALIDATION_DBS) never reach train.jsonl: val.jsonl (the held-out loss) is made of
+    `val_questions` of their questions, so the loss too is measured across databases. A dataset without
+    them (BIRD) holds out a 2% share of its questions instead.
     nc_from_model: a function examples -> SQL per example (e.g. model_sql) for model-written NC candidates."""
     ds = load_dataset(data, split)
-    examples = list(ds.examples)
-    random.Random(seed).shuffle(examples)
+    held = [e for e in ds.examples if e.db_id in VALIDATION_DBS]
+    examples = [e for e in ds.examples if e.db_id not in VALIDATION_DBS]
+    rng = random.Random(seed)
+    rng.shuffle(examples)
+    rng.shuffle(held)
     if limit:
         examples = examples[:limit]
-    n_val = max(1, int(len(examples) * val_share)) if val_share > 0 else 0
+    if not held:
+        n = max(1, len(examples) // 50)
+        held, examples = examples[:n], examples[n:]
     out = Path(out)
-    counts = Counter({"skipped: database missing": ds.skipped})
-    for name, part in (("val", examples[:n_val]), ("train", examples[n_val:])):
+    counts = Counter({"skipped: database missing": ds.skipped,
+                      "held out: questions on validation databases": len(ds.examples) - len(examples)})
+    for name, part in (("val", held[:val_questions]), ("train", examples)):
         sqls = nc_from_model(part) if nc_from_model and "nc" in tasks else None
         records, c = build_examples(part, tasks, seed, model_sql=sqls, **kw)
         write_jsonl(records, out / f"{name}.jsonl")

@@ -146,8 +146,13 @@ def save_model(model: Transformer, path: str | Path, hf_config: dict, dtype=None
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         cfg = dict(hf_config)
-        if dtype is not None:
-            cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        # the dtype the files hold, not the source config's: transformers and vLLM load a model in the dtype its
+        # config names, so an fp32 save that kept "bfloat16" would be loaded as bf16 without a word
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        if floats:
+            cfg["torch_dtype"] = str(max(set(floats), key=floats.count)).removeprefix("torch.")
+            if "dtype" in cfg:  # transformers >= 4.56 writes this name
+                cfg["dtype"] = cfg["torch_dtype"]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -6,7 +6,7 @@ import pytest
 
 from route import msft, prompts
 from route.database import open_database
-from route.datasets import Example
+from route.datasets import VALIDATION_DBS, Example, load_dataset
 from route.evaluate import results_match
 from route.sql import order_matters, parse, used_schema
 from tiny import write_music_db
@@ -86,6 +86,20 @@ def test_build_from_spider(spider, tmp_path):
     assert counts["skipped: database missing"] > 0  # soccer_1 / baseball_1 are absent from this copy
     n = sum(1 for _ in open(tmp_path / "train.jsonl"))
     assert n == counts["train records"] and n > 150
+    # the validation split is disjoint from training by database: its questions make the held-out loss only
+    train = {json.loads(x)["db_id"] for x in open(tmp_path / "train.jsonl")}
+    val = {json.loads(x)["db_id"] for x in open(tmp_path / "val.jsonl")}
+    assert not train & set(VALIDATION_DBS) and val <= set(VALIDATION_DBS) and len(val) > 5
+    assert counts["held out: questions on validation databases"] >= 314
+
+
+def test_validation_split_is_whole_training_databases(spider):
+    val = load_dataset(spider, "val")
+    assert len(val) == 314 and {e.db_id for e in val} == set(VALIDATION_DBS)
+    train = load_dataset(spider, "train")
+    assert sum(e.db_id in VALIDATION_DBS for e in train) == 314  # every question on those databases
+    dev = json.load(open(spider / "dev_sample.json"))
+    assert not {r["db_id"] for r in dev} & set(VALIDATION_DBS)
 
 
 def test_model_written_nc_candidates(examples, tmp_path):
@@ -114,7 +128,7 @@ def test_build_asks_the_model_once_per_part(spider, tmp_path):
         return [e.gold_sql for e in exs]
 
     counts = msft.build(spider, tmp_path, limit=50, seed=0, nc_from_model=written)
-    assert sorted(asked) == [1, 49]  # held-out questions, then training questions
+    assert asked == [60, 50]  # held-out questions (validation databases), then training questions
     executed = counts.get("ts", 0) + counts.get("ts (pruned schema)", 0)
     assert counts["  nc candidates from model"] == executed
     nc = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
@@ -155,7 +169,7 @@ def test_training_prompt_ids_are_what_inference_feeds(examples, tmp_path, which)
     ex = examples[2]
     db = open_database(ex.db_path)
     handed = []  # (task, prompt) as run_chain passes them to generate()
-    answers = {"ts": "SELECT nme FROM singer", "sl": '{"singer": ["name"]}', "nc": "correct", "cw": " name FROM x"}
+    answers = {"ts": "SELECT song FROM singer", "sl": '{"singer": ["name"]}', "nc": "correct", "cw": " name FROM x"}
 
     def recording_generate(model, tok, prompt_list, **kw):
         outs = []

@@ -1,0 +1,110 @@
+"""Export base model + LoRA adapter as one merged Hugging Face model directory.
+
+    python -m route.export --adapter adapters/qwen2.5-coder-0.5b-route --out runs/merged [--dtype bf16|fp32]
+    python -m route.export --adapter runs/route/adapter --model BASE_DIR --out runs/merged
+
+The result is a plain checkpoint: config.json (with the dtype the files really hold), model.safetensors,
+the base's tokenizer and generation config, and a README naming the base model, the adapter and the license.
+transformers (`AutoModelForCausalLM.from_pretrained(OUT)`), vLLM (`vllm serve OUT`) and route
+(`infer.py --model OUT`) load it with no PEFT and no LoRA code, and serving it costs nothing extra per token.
+
+The base: --model, else the adapter's `base_model_name_or_path` when that is a local model directory, else
+route's default model (the one the shipped adapter was trained on). The base is loaded in fp32 so the merge
+W + alpha/r * B A is computed in fp32 and rounded once, to --dtype (default: the base's own dtype);
+route.lora.export_merged does the merge and the writing.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .lora import export_merged, load_adapter, read_adapter_config
+from .weights import DTYPES, load_model, read_config
+
+NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def base_for(adapter_cfg: dict, model: str | None = None) -> Path:
+    """The base model directory to merge into (see the module docstring for the order)."""
+    if model:
+        return hub.resolve_model(model)
+    named = adapter_cfg.get("base_model_name_or_path")
+    if named and (Path(named).expanduser() / "config.json").is_file():
+        return Path(named).expanduser()
+    return hub.resolve_model(None)
+
+
+def _about(base: Path) -> tuple[str, str, str]:
+    """(what the base is, where it comes from, its license), from the provenance route.convert writes."""
+    prov = base / "provenance.json"
+    about = json.loads(prov.read_text()).get("about", {}) if prov.is_file() else {}
+    return (about.get("name") or base.name, about.get("upstream") or "",
+            about.get("license") or "the base model's license (see its model card)")
+
+
+def write_card(out: Path, base: Path, adapter: Path, adapter_cfg: dict, dtype: str, command: str):
+    name, upstream, license_ = _about(base)
+    card = adapter / "README.md"
+    if card.is_file():  # the adapter's card travels with the weights it shaped: its data, results and terms
+        (out / "ADAPTER_CARD.md").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
+    targets = adapter_cfg["target_modules"]
+    targets = ", ".join(targets) if isinstance(targets, list) else targets
+    (out / "README.md").write_text(f"""# {out.name}
+
+{name} with the LoRA adapter `{adapter.name}` merged into its weights: a plain Hugging Face checkpoint in
+{dtype} (W + alpha/r * B A computed in fp32, rounded once). No PEFT or LoRA code is needed to use it.
+
+- Base model: `{base.name}` ({name}){f"; upstream: {upstream}" if upstream else ""}
+- Adapter: `{adapter.name}` (LoRA r={adapter_cfg['r']}, alpha={adapter_cfg['lora_alpha']}, on {targets}){
+    "; its card is copied here as `ADAPTER_CARD.md`" if card.is_file() else ""}
+- License: {license_}, as the base model's; the adapter's training data may add terms (see its card).
+- Made by route: `{command}`
+
+Load it (from the directory that holds `{out.name}`):
+
+```
+python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{out.name}')"
+vllm serve {out.name}
+python infer.py --model {out.name} --fewshot no --mcp --db my.sqlite   # tuned: the zero-shot prompts
+```
+""", encoding="utf-8")
+
+
+def export(adapter: str | Path, out: str | Path, model: str | None = None, dtype: str | None = None) -> Path:
+    """Merge the adapter into its base and write the result to `out`; returns `out`."""
+    adapter, out = Path(adapter), Path(out)
+    cfg = read_adapter_config(adapter)
+    base = base_for(cfg, model)
+    _, hf = read_config(base)
+    dt = DTYPES[dtype or hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"]
+    net = load_model(base, torch.float32)
+    load_adapter(net, adapter)
+    export_merged(net, out, base, dtype=dt)
+    command = " ".join(["python -m route.export", f"--adapter {adapter}", f"--out {out}"] +
+                       ([f"--model {model}"] if model else []) + ([f"--dtype {dtype}"] if dtype else []))
+    write_card(out, base, adapter, cfg, NAMES.get(dt, str(dt)), command)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m route.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--adapter", required=True, help="LoRA adapter directory (PEFT format)")
+    ap.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    ap.add_argument("--model", default=None, help="base model directory or .gguf (default: see above)")
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                    help="dtype of the written weights (default: the base model's)")
+    args = ap.parse_args(argv)
+    try:
+        out = export(args.adapter, args.out, args.model, args.dtype)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"merged model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,7 @@ the row cap (max_rows) returns a prefix, marked `truncated`.
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
@@ -43,7 +44,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds per query
 MAX_ROWS = 100_000  # rows fetched per query; more are cut off (ExecResult.truncated)
 MAX_BYTES = 64 << 20  # approximate size of a result, bytes; a larger one is an error
 MAX_VALUE = 1 << 20  # longest string or blob a query may build or return (randomblob of this size: ~3 ms)
-MAX_SQL = 100_000  # characters of SQL (a model's query is a few hundred)
+MAX_SQL = 10_000  # characters of SQL a model's query may have (Spider's longest gold query: about 600)
 HEAP_LIMIT = 1 << 30  # SQLite's memory for the whole process, page caches included
 SAMPLE_CHARS = 100  # ROUTE cuts long strings in sample rows at 100 characters
 
@@ -305,6 +306,51 @@ def _replace(x, y, z, limit: int):
     return x.replace(y, z)
 
 
+def _trim(x, y, left: bool, right: bool):
+    # SQLite compares each character of x with each character of y: quadratic (4.8 s for 100k x 10k)
+    if x is None or y is None:
+        return None
+    x, chars = _text(x), set(_text(y))
+    i, j = 0, len(x)
+    while left and i < j and x[i] in chars:
+        i += 1
+    while right and j > i and x[j - 1] in chars:
+        j -= 1
+    return x[i:j]
+
+
+def _randomblob(n, limit: int) -> bytes:
+    # os.urandom: 7x faster than SQLite's generator, and the cost of one call is what bounds a row's time
+    if not isinstance(n, int):
+        with _FORMAT_LOCK:
+            n = _FORMAT.execute("SELECT CAST(? AS INTEGER)", (n,)).fetchone()[0] or 0
+    if n > limit:
+        raise _TooLarge(f"result too large: a string or blob over {limit} bytes")
+    return os.urandom(max(1, n))
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def _printf(limit: int, fmt, *args):
+    """SQLite's own printf, run on a private connection after refusing any width or precision over the value
+    cap: `printf('%.*c', 1e9, 'a')` loops a billion times inside one call even when its result is refused."""
+    if fmt is None:
+        return None
+    text = _text(fmt)
+    numbers = [n for n in _NUMBER.findall(text)] + ([str(int(abs(a))) for a in args if isinstance(a, (int, float))
+                                                     and abs(a) < float("inf")] if "*" in text else [])
+    if any(len(n) > 9 or int(n) > limit for n in numbers):  # every number counts: safe, and simple
+        raise _TooLarge(f"result too large: a printf() width or precision over {limit}")
+    with _FORMAT_LOCK:
+        if hasattr(_FORMAT, "setlimit"):
+            _FORMAT.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
+        try:
+            return _FORMAT.execute(f"SELECT printf({', '.join('?' * (1 + len(args)))})", (fmt, *args)).fetchone()[0]
+        except sqlite3.DataError:
+            raise _TooLarge(f"result too large: a string or blob over {limit} bytes") from None
+
+
 def _lenient_text(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
@@ -354,9 +400,15 @@ class Database:
             raise ValueError(f"{self.path}: not a readable SQLite database ({e})") from e
         self._value_limit = MAX_VALUE
         self._function_error: str | None = None  # why our own instr/replace refused, for the error message
-        self._conn.create_function("instr", 2, self._guard(_instr), deterministic=True)
-        self._conn.create_function("replace", 3, self._guard(lambda x, y, z: _replace(x, y, z, self._value_limit)),
-                                   deterministic=True)
+        # SQLite's versions of these can spend seconds in one call, where no interrupt reaches them
+        for name, n, fn in [("instr", 2, _instr), ("replace", 3, lambda x, y, z: _replace(x, y, z, self._value_limit)),
+                            ("trim", 2, lambda x, y: _trim(x, y, True, True)),
+                            ("ltrim", 2, lambda x, y: _trim(x, y, True, False)),
+                            ("rtrim", 2, lambda x, y: _trim(x, y, False, True)),
+                            ("randomblob", 1, lambda n: _randomblob(n, self._value_limit)),
+                            ("printf", -1, lambda *a: _printf(self._value_limit, *a)),
+                            ("format", -1, lambda *a: _printf(self._value_limit, *a))]:
+            self._conn.create_function(name, n, self._guard(fn), deterministic=name != "randomblob")
         self._conn.set_authorizer(_authorize)  # after our own PRAGMAs; from here on, reading only
         self._lock = threading.Lock()
         self._results: OrderedDict = OrderedDict()
@@ -405,18 +457,19 @@ class Database:
                 raise
         return call
 
-    def _execute(self, sql, timeout, max_rows, max_bytes) -> ExecResult:
+    def _execute(self, sql, timeout, max_rows, max_bytes, ours: bool = False) -> ExecResult:
+        """`ours`: SQL this module wrote (sample rows): any length, values up to max_bytes."""
         start = time.monotonic()
         if not isinstance(sql, str) or not sql.strip():
             return ExecResult([], [], "empty SQL")
-        if len(sql) > MAX_SQL:
+        if len(sql) > MAX_SQL and not ours:
             return ExecResult([], [], f"SQL too long: {len(sql)} characters, at most {MAX_SQL} may run")
         if not is_query(sql):
             return ExecResult([], [], "only queries (SELECT / WITH / VALUES) may run")
         deadline = start + timeout
         # a value longer than the result may hold could never be returned: cap it inside SQLite, where the
         # cap also bounds what one uninterruptible function call can build
-        self._value_limit = min(MAX_VALUE, max_bytes)
+        self._value_limit = max_bytes if ours else min(MAX_VALUE, max_bytes)
         if hasattr(self._conn, "setlimit"):  # Python >= 3.11; below, only HEAP_LIMIT bounds a value
             self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._value_limit)
         self._function_error = None
@@ -441,7 +494,7 @@ class Database:
     def _message(self, e: Exception, timeout: float, deadline: float) -> str:
         # SQLite's own words ("no such column: x") are what noise correction shows the model
         text = str(e)
-        if time.monotonic() > deadline or text == "interrupted":
+        if text == "interrupted":
             return f"timeout: the query ran longer than {timeout:g} s"
         if isinstance(e, _TooLarge) or text.startswith("result too large"):
             return text
@@ -481,7 +534,9 @@ class Database:
             samples = {}
             for t in self.tables:
                 cols = ", ".join(quote(c.name) for c in t.columns)
-                result = self.execute(f"SELECT {cols} FROM {quote(t.name)} LIMIT {int(k)}")
+                with self._lock:  # values beyond MAX_VALUE (a photo) are cut to a placeholder here, not refused
+                    result = self._execute(f"SELECT {cols} FROM {quote(t.name)} LIMIT {int(k)}", DEFAULT_TIMEOUT,
+                                           k, MAX_BYTES, ours=True)
                 samples[t.name] = [tuple(_cut(v) for v in row) for row in result.rows]
             self._samples[k] = samples
         return self._samples[k]

@@ -1,5 +1,6 @@
 """route.database: schema read from SQLite, the ROUTE-format prompt, and safe read-only execution."""
 import hashlib
+import re
 import shutil
 import sqlite3
 import time

@@ -113,6 +113,7 @@ def default_model_dir(fetch: bool = True, release: Release = DEFAULT) -> Path:
     """The converted default model's directory, fetching and converting it first if it is not cached."""
     target = home() / "models" / release.name
     if _complete(target):
+        _tidy(target.parent)
         return target
     if not fetch:
         raise FileNotFoundError(f"{target}: the default model is not fetched yet (run `python -m route.hub`)")
@@ -302,6 +303,12 @@ def _in_use(parent: Path):
                 pass  # another fetch is running: the temporary directories may be its own
             fcntl.flock(lock, fcntl.LOCK_SH)  # shared: fetches run side by side, and a sweep waits for them all
         yield
+
+
+def _tidy(parent: Path):
+    """Sweep up after killed runs even when there is nothing to fetch (a read-only cache is left as it is)."""
+    with contextlib.suppress(FetchError), _in_use(parent):
+        pass
 
 
 def _sweep(parent: Path, older_than: float = 0.0):

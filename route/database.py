@@ -19,8 +19,11 @@ Bounded time and memory, per query:
     loop step (a progress handler fires at the same points, so it would add nothing but calls into Python).
     Straight-line work inside one row cannot be interrupted, which is why the next two caps exist.
   - values: no string or blob longer than MAX_VALUE (`SQLITE_LIMIT_LENGTH`, Python >= 3.11; below that only
-    the heap cap holds), no SQL longer than MAX_SQL, and `instr` / `replace` run as Python's linear searches
-    (SQLite's are quadratic: 9 s for one call on 1 MiB), so one function call stays in the milliseconds.
+    the heap cap holds) and no SQL longer than MAX_SQL. SQLite's `instr`, `replace` and two-argument `trim`
+    are quadratic (9 s for one `instr` on 1 MiB) and `printf('%.*c', N, ...)` loops N times whatever the cap:
+    these run as Python (linear searches; printf's widths checked, then SQLite's own printf), and
+    `randomblob` as `os.urandom`, so that one call stays in the milliseconds and a row's worth of them in
+    about a second (measured: bench/security.py).
   - memory: SQLite's heap is capped for the process (`PRAGMA hard_heap_limit`, HEAP_LIMIT, only ever
     lowered), temporary b-trees and sorts stay in that memory (never in temporary files), and the result is
     accounted row by row as it is read, so the cap holds before memory is spent.
@@ -332,15 +335,24 @@ def _randomblob(n, limit: int) -> bytes:
 _NUMBER = re.compile(r"\d+")
 
 
+def _c_int(v) -> int:
+    """What SQLite's printf makes of an argument it reads for a `*`: a 64-bit integer cut to a C int."""
+    if not isinstance(v, int):
+        with _FORMAT_LOCK:
+            v = _FORMAT.execute("SELECT CAST(? AS INTEGER)", (v,)).fetchone()[0] or 0
+    v = max(-(1 << 63), min((1 << 63) - 1, v))
+    return (v + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
 def _printf(limit: int, fmt, *args):
     """SQLite's own printf, run on a private connection after refusing any width or precision over the value
     cap: `printf('%.*c', 1e9, 'a')` loops a billion times inside one call even when its result is refused."""
     if fmt is None:
         return None
     text = _text(fmt)
-    numbers = [n for n in _NUMBER.findall(text)] + ([str(int(abs(a))) for a in args if isinstance(a, (int, float))
-                                                     and abs(a) < float("inf")] if "*" in text else [])
-    if any(len(n) > 9 or int(n) > limit for n in numbers):  # every number counts: safe, and simple
+    # every number in the format counts, and with a `*` every argument: safe, and simple
+    if any(len(n) > 9 or int(n) > limit for n in _NUMBER.findall(text)) or "*" in text and any(
+            abs(_c_int(a)) > limit for a in args):
         raise _TooLarge(f"result too large: a printf() width or precision over {limit}")
     with _FORMAT_LOCK:
         if hasattr(_FORMAT, "setlimit"):

@@ -388,8 +388,8 @@ _HEAP_LOCK = threading.Lock()
 def _cap_heap(conn: sqlite3.Connection) -> None:
     """Lower SQLite's process-wide hard heap limit to HEAP_LIMIT (never raise one set lower, e.g. by a test)."""
     with _HEAP_LOCK:
-        current = conn.execute("PRAGMA hard_heap_limit").fetchone()[0]
-        if current == 0 or current > HEAP_LIMIT:
+        row = conn.execute("PRAGMA hard_heap_limit").fetchone()  # None before SQLite 3.31: no cap to set
+        if row is not None and (row[0] == 0 or row[0] > HEAP_LIMIT):
             conn.execute(f"PRAGMA hard_heap_limit = {int(HEAP_LIMIT)}")
 
 

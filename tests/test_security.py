@@ -203,29 +203,24 @@ def test_statement_check_is_linear():
     assert not is_query("/* unterminated SELECT 1") and not is_query("-- SELECT 1") and not is_query("selectx")
 
 
-def test_our_functions_agree_with_sqlite():
-    """instr, replace, trim and printf run as Python (linear, capped); they must answer what SQLite's would."""
+def test_our_functions_agree_with_sqlite(tmp_path):
+    """instr, replace, trim, printf and randomblob run as Python (linear, capped); they must answer what
+    SQLite's own would."""
     ref = sqlite3.connect(":memory:")
-    ours = Database.__new__(Database)  # only the connection set up matters here
-    path = None
-    try:
-        import tempfile
-        path = tempfile.mktemp(suffix=".sqlite")
-        sqlite3.connect(path).close()
-        ours = Database(path)
-        exprs = ["instr('héllo', 'l')", "instr(x'00ff01', x'ff')", "instr(12345, 34)", "instr(1.5e20, 'e')",
-                 "instr('abc', '')", "instr(NULL, 'a')", "replace('a.b.c', '.', '--')", "replace(12, 2, 9)",
-                 "replace(1.5e20, '.', ',')", "replace(0.1 + 0.2, '3', 'x')", "replace('abc', '', 'x')",
-                 "typeof(replace(7, '', 'x'))", "replace('abc', 'b', NULL)", "replace(NULL, 'a', 'b')",
-                 "trim('xxhixx', 'x')", "ltrim('  hi ', ' ')", "rtrim('héé', 'é')", "trim(1200, '0')",
-                 "trim('abc', NULL)", "printf('%5.2f|%-4d|%s|%q', 3.14159, 7, 'x', 'it''s')", "printf(NULL)",
-                 "printf('%.*c', 3, 'z')", "format('%d%%', 50)", "printf('%s', x'41')"]
-        for e in exprs:
-            assert ours.execute(f"SELECT {e}").rows == ref.execute(f"SELECT {e}").fetchall(), e
-    finally:
-        if path:
-            ours.close()
-            os.remove(path)
+    sqlite3.connect(tmp_path / "empty.sqlite").close()
+    ours = Database(tmp_path / "empty.sqlite")
+    exprs = ["instr('héllo', 'l')", "instr(x'00ff01', x'ff')", "instr(12345, 34)", "instr(1.5e20, 'e')",
+             "instr('abc', '')", "instr(NULL, 'a')", "replace('a.b.c', '.', '--')", "replace(12, 2, 9)",
+             "replace(1.5e20, '.', ',')", "replace(0.1 + 0.2, '3', 'x')", "replace('abc', '', 'x')",
+             "typeof(replace(7, '', 'x'))", "replace('abc', 'b', NULL)", "replace(NULL, 'a', 'b')",
+             "trim('xxhixx', 'x')", "ltrim('  hi ', ' ')", "rtrim('héé', 'é')", "trim(1200, '0')",
+             "trim('abc', NULL)", "printf('%5.2f|%-4d|%s|%q', 3.14159, 7, 'x', 'it''s')", "printf(NULL)",
+             "printf('%.*c', 3, 'z')", "printf('%*d', '4', 7)", "format('%d%%', 50)", "printf('%s', x'41')",
+             "length(randomblob(10))", "length(randomblob(0))", "length(randomblob('5'))", "length(randomblob(NULL))",
+             "typeof(randomblob(3))"]
+    for e in exprs:
+        assert ours.execute(f"SELECT {e}").rows == ref.execute(f"SELECT {e}").fetchall(), e
+    ours.close()
 
 
 def test_truncated_or_oversized_never_matches(spider):

@@ -239,6 +239,7 @@ class _Watchdog:
         self._cv = threading.Condition()
         self._armed: dict[object, tuple[float, sqlite3.Connection]] = {}
         self._thread = None
+        self._wakes_at = float("inf")  # when the thread will look next: earlier deadlines must wake it
 
     def arm(self, conn: sqlite3.Connection, deadline: float) -> object:
         token = object()
@@ -247,7 +248,8 @@ class _Watchdog:
             if self._thread is None or not self._thread.is_alive():  # not yet started, or lost in a fork
                 self._thread = threading.Thread(target=self._run, name="route-sql-watchdog", daemon=True)
                 self._thread.start()
-            self._cv.notify()
+            if deadline < self._wakes_at:  # most queries end long before the thread next looks: no wake-up
+                self._cv.notify()
         return token
 
     def disarm(self, token: object) -> None:
@@ -262,8 +264,8 @@ class _Watchdog:
                     if deadline <= now:
                         del self._armed[token]
                         conn.interrupt()  # a flag SQLite reads; cleared when the connection's next query starts
-                nearest = min((d for d, _ in self._armed.values()), default=None)
-                self._cv.wait(None if nearest is None else nearest - now)
+                self._wakes_at = min((d for d, _ in self._armed.values()), default=float("inf"))
+                self._cv.wait(None if self._wakes_at == float("inf") else self._wakes_at - now)
 
 
 _WATCHDOG = _Watchdog()

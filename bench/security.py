@@ -36,7 +36,8 @@ ATTACKS = {
     "ltrim, 1 MB by 80k characters": "WITH s(a) AS (SELECT printf('%.*c', 1000000, 'a')) "
                                      "SELECT length(ltrim(a, printf('%.*c', 80000, 'b') || 'a')) FROM s",
     "printf('%.*c', 2e9, 'a')": "SELECT length(printf('%.*c', 2000000000, 'a'))",
-    "recursive CTE without end": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+    "recursive CTE without end": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                                 "SELECT count(*) FROM c",
     "cartesian product, 6^12 rows": "SELECT count(*) FROM " + ", ".join(f"singer s{i}" for i in range(12)),
 }
 

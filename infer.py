@@ -184,7 +184,5 @@ def write_outputs(out, ds, traces, report, summary: dict) -> list[tuple[str, Pat
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, KeyError) as e:  # bad paths and files: their messages name them
-        sys.exit(f"error: {e}")
+    from route import cli
+    cli.run(main)  # one line naming the culprit for a bad file, option or fetch; exit 130 on Ctrl-C

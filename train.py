@@ -11,6 +11,7 @@ mixed precision, checkpoints, torchrun) -> out/adapter (PEFT format) or out/mode
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -51,13 +52,18 @@ def parse_args(argv=None):
 
 
 def load_records(path: Path, tasks) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [r for r in map(json.loads, f) if r["task"] in tasks]
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not the JSON lines train.py writes ({e}); delete it to rebuild") from None
+    return [r for r in records if r.get("task") in tasks]
 
 
 def main(argv=None):
     args = parse_args(argv)
     from route import hub, msft, prompts
+    from route.datasets import layout
     from route.tokenizer import Tokenizer
     from route.trainer import TrainConfig, prepare_model, tokenize_examples, train
 
@@ -67,6 +73,10 @@ def main(argv=None):
     name = (f"seed{args.seed}-limit{args.limit}" + ("-canonical" if args.canonical_targets else "")
             + ("-ncmodel" if args.nc_from_model else ""))
     data_dir = Path(args.msft or ROOT / "data" / "msft" / name)
+    # a bad --data or --model fails now, not after an hour of building data
+    if args.data != str(SPIDER) or not (data_dir / "train.jsonl").exists():
+        layout(Path(args.data))
+    model_dir = hub.resolve_model(args.model)
     if not (data_dir / "train.jsonl").exists():
         print(f"building MSFT data from {args.data} into {data_dir}")
         gen = (lambda exs: msft.model_sql(args.model, exs)) if args.nc_from_model else None
@@ -74,7 +84,6 @@ def main(argv=None):
                             canonical=args.canonical_targets)
         print("\n".join(f"  {k:46}{v:>7}" for k, v in sorted(counts.items())))
 
-    model_dir = hub.resolve_model(args.model)
     tok = Tokenizer.from_dir(model_dir)
 
     def tokenized(name):
@@ -94,9 +103,12 @@ def main(argv=None):
     try:
         train(model, train_set, cfg, val_set)
     except KeyboardInterrupt:  # the trainer saved a checkpoint first
-        raise SystemExit(f"interrupted: continue with the same command plus --resume (checkpoint in {args.out})")
+        print(f"interrupted: continue with the same command plus --resume (checkpoint in {args.out})",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"done: {Path(args.out) / ('model' if args.full else 'adapter')}")
 
 
 if __name__ == "__main__":
-    main()
+    from route import cli
+    cli.run(main)  # one line naming the culprit for a bad file, option or fetch; exit 130 on Ctrl-C

@@ -275,7 +275,11 @@ def convert_tensors(reader: GGUFReader, cfg: dict, dtype: torch.dtype, source, p
     tensors = {t.name: t for t in reader.tensors}
     unpermute_heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     state, types = {}, {}
-    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress, file=sys.stderr):
+    # progress: True for a bar of its own, or a function given each tensor's bytes (route.hub's single bar)
+    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress or callable(progress),
+                  file=sys.stderr):
+        if callable(progress):
+            progress(int(t.n_bytes))
         if t.name == "rope_freqs.weight":  # folded into config.json's rope_scaling
             continue
         name = hf_name(t.name, source)
@@ -392,7 +396,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if progress:
+    if progress is True:
         print(f"converted {src.name} -> {out} in {time.time() - start:.1f}s", file=sys.stderr)
     return out
 

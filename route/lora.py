@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .weights import DTYPES, save_model
+from .weights import DTYPES, read_json_file, save_model
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> the transformers model
@@ -178,7 +178,9 @@ def read_adapter_config(path: str | Path) -> dict:
     file = Path(path) / CONFIG
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: not a PEFT adapter directory")
-    cfg = json.loads(file.read_text())
+    cfg = read_json_file(file)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
     unsupported = {"peft_type": lambda v: v != "LORA", "use_dora": bool, "use_rslora": bool,
                    "rank_pattern": bool, "alpha_pattern": bool, "modules_to_save": bool,
                    "layers_to_transform": lambda v: v is not None, "fan_in_fan_out": bool,
@@ -212,7 +214,11 @@ def load_adapter(model: nn.Module, path: str | Path, dropout: float | None = Non
     if not file.exists():
         raise FileNotFoundError(f"{file} not found")
     expected = {f"{PREFIX}{n}.lora_{w}.weight": (m, f"lora_{w}") for n, m in mods.items() for w in "AB"}
-    with safe_open(file, framework="pt", device="cpu") as f:
+    try:  # a truncated or corrupted file fails here, with a message that does not name it
+        opened = safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    with opened as f:
         keys = set(f.keys())
         missing = sorted(set(expected) - keys)
         if missing:

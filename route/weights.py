@@ -22,6 +22,14 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}
 
 
+def read_json_file(file: Path):
+    """A JSON file's content; one that is not UTF-8 JSON is a ValueError that names it."""
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a valid JSON file ({e})") from None
+
+
 def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
     path = Path(path)
     if not path.is_dir():
@@ -29,7 +37,7 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found: not a Hugging Face-format model directory")
-    raw = json.loads(cfg_file.read_text())
+    raw = read_json_file(cfg_file)
     return ModelConfig.from_hf(raw, source=str(cfg_file)), raw
 
 
@@ -68,7 +76,7 @@ def weight_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file that holds it."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return {name: path / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        return {name: path / f for name, f in read_json_file(index)["weight_map"].items()}
     single = path / "model.safetensors"
     if not single.exists():
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")

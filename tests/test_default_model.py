@@ -12,6 +12,7 @@ import hashlib
 import json
 import sqlite3
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -143,6 +144,101 @@ def test_resolve_model(home, tmp_path, monkeypatch):
         hub.resolve_model(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nowhere: no such model directory or .gguf file"):
         hub.resolve_model(tmp_path / "nowhere")
+
+
+def test_kept_gguf_is_verified_before_conversion(home, published, capfd):
+    release, _ = published
+    kept = home / "gguf" / "tiny-model.gguf"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"GGUF" + bytes(release.size - 4))  # the right size, the wrong bytes
+    out = hub.default_model_dir(release=release)
+    assert json.loads((out / "provenance.json").read_text())["source_sha256"] == release.sha256
+    assert "does not match the release's sha256" in capfd.readouterr().err
+    assert not kept.exists()  # fetched again into a temporary directory, not kept
+
+
+def test_one_bar_and_no_pip_output(home, published, capfd):
+    hub.default_model_dir(release=published[0])
+    err = capfd.readouterr().err
+    assert "default model, converting" in err and "100%" in err
+    assert "Processing" not in err and "Saved" not in err and "dequantizing" not in err  # pip's and convert's own
+
+
+def test_stale_temporary_directories_are_swept_when_no_fetch_holds_the_lock(home, published):
+    import fcntl
+
+    release, _ = published
+    stale = [home / "models" / ".fetch-killed", home / "models" / ".tiny-model.tmp-killed"]
+    for d in stale:
+        d.mkdir(parents=True)  # fresh: no age rule would call them stale
+    with open(home / ".lock", "a") as other:  # another fetch is running: its directories stay
+        fcntl.flock(other, fcntl.LOCK_SH)
+        hub.default_model_dir(release=release)
+        assert all(d.exists() for d in stale)
+    hub.default_model_dir(release=release)  # the next run, with the model already there, sweeps them
+    assert not any(d.exists() for d in stale)
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny-model"]
+
+
+def _child(code: str, home, published, tmp_path):
+    """A Python child with $ROUTE_HOME and ROUTE_WHEELS set, `release` loaded, stdout piped."""
+    import os
+    import pickle
+
+    (tmp_path / "release.pickle").write_bytes(pickle.dumps(published[0]))
+    prelude = (f"import pickle, sys, time\nfrom route import hub\n"
+               f"release = pickle.loads(open({str(tmp_path / 'release.pickle')!r}, 'rb').read())\n")
+    env = {**os.environ, "ROUTE_HOME": str(home), "ROUTE_WHEELS": str(published[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", prelude + code], cwd=Path(__file__).resolve().parents[1],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_during_conversion_cleans_up(home, published, tmp_path):
+    import signal
+
+    code = ("import route.convert\n"
+            "def slow(*args, **kwargs):\n"
+            "    print('saving', flush=True)\n"
+            "    time.sleep(60)\n"
+            "route.convert.save_file = slow\n"
+            "from route.cli import run\n"
+            "run(hub.default_model_dir, True, release)\n")
+    with _child(code, home, published, tmp_path) as child:
+        assert child.stdout.readline().strip() == "saving"
+        assert list((home / "models").glob(".*tmp-*")) and list((home / "models").glob(".fetch-*"))
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err
+    assert list((home / "models").iterdir()) == []  # the download and the half-written model are gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pip_dies_with_its_parent(home, published, tmp_path):
+    import os
+    import signal
+    import time
+
+    code = ("import os\n"
+            "hub.run_child([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'],"
+            " lambda line: print(line, end='', flush=True))\n")
+    with _child(code, home, published, tmp_path) as parent:
+        pid = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+
+    def alive():
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+        return "\nState:\tZ" not in state  # a zombie has died; only its parent's reaping is left
+
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive():
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
 
 
 # -- the real default model ------------------------------------------------------------------------------------

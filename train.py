@@ -42,6 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per micro-batch")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--max-len", type=int, default=1024, help="longer examples are dropped, never cut")
+    ap.add_argument("--pack", action="store_true",
+                    help="pack records of one database behind one copy of their schema prefix (route/packing.py)")
     ap.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--save-every", type=int, default=25)
@@ -70,7 +72,7 @@ def main(argv=None):
     tasks = msft.TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     if set(tasks) - set(msft.TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(set(tasks) - set(msft.TASKS))}; choose from ts,sl,nc,cw")
-    name = (f"seed{args.seed}-limit{args.limit}" + ("-canonical" if args.canonical_targets else "")
+    name = (f"heldout-seed{args.seed}-limit{args.limit}"  # "heldout": the validation databases are not in it + ("-canonical" if args.canonical_targets else "")
             + ("-ncmodel" if args.nc_from_model else ""))
     data_dir = Path(args.msft or ROOT / "data" / "msft" / name)
     # a bad --data or --model fails now, not after an hour of building data
@@ -92,6 +94,11 @@ def main(argv=None):
                                  [r["target"] for r in records])
 
     train_set, val_set = tokenized("train"), tokenized("val")
+    if args.pack:
+        from route.packing import pack_shared_prefix
+        n = sum(len(e["input_ids"]) for e in train_set)
+        train_set = pack_shared_prefix(train_set, args.max_len, args.seed)
+        print(f"packed behind shared schema prefixes: {n} -> {sum(len(e['input_ids']) for e in train_set)} tokens")
     print(f"{len(train_set)} training and {len(val_set)} held-out examples, tasks {','.join(tasks)}, "
           f"{sum(len(e['input_ids']) for e in train_set) / max(1, len(train_set)):.0f} tokens on average")
     cfg = TrainConfig(out_dir=args.out, base_model=str(model_dir), full=args.full, lora_r=args.rank,

@@ -73,7 +73,7 @@ def run_reference(path, examples, steps, args, dtype, device):
         t0 = time.perf_counter()
         total = 0.0
         for idx in micro:
-            tokens, labels = collate(examples, idx, device)
+            tokens, labels, *_ = collate(examples, idx, device)
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
                 loss = model(input_ids=tokens, labels=labels).loss  # mean over this batch's answer tokens
             (loss / len(micro)).backward()

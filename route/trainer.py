@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .lora import ALL_TARGETS, TOKENIZER_FILES, add_lora, lora_modules, save_adapter
 from .model import Transformer
+from .packing import block_mask
 from .weights import load_model, read_config, save_model
 
 IGNORE = -100      # label of tokens without loss (prompt and padding), as in PyTorch and transformers
@@ -109,9 +110,14 @@ def tokenize_example(tok, prompt, answer: str, close_turn: bool = True) -> dict:
 def tokenize_examples(tok, prompts: list, answers: list[str], close_turn: bool = True) -> list[dict]:
     """tokenize_example for many pairs at once: the tokenizers library encodes a batch on all cores."""
     eot = end_of_turn(tok) if close_turn else ""
-    ps = [[t for part in parts for t in part] for parts in tok.encode_parts(prompts)]
+    parts = tok.encode_parts(prompts)
     ans = tok.encode_batch([a + eot for a in answers])
-    return [{"input_ids": p + a, "labels": [IGNORE] * len(p) + a} for p, a in zip(ps, ans)]
+    out = []
+    for ps, a in zip(parts, ans):
+        p = [t for part in ps for t in part]
+        # prefix_len: the first part (system + schema), which packing.py shares between records
+        out.append({"input_ids": p + a, "labels": [IGNORE] * len(p) + a, "prefix_len": len(ps[0]) if len(ps) > 1 else 0})
+    return out
 
 
 def n_targets(example: dict) -> int:
@@ -166,20 +172,29 @@ def plan_steps(lengths: list[int], cfg: TrainConfig, group: int) -> tuple[list[l
     return steps, ends
 
 
-def collate(examples: list[dict], idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a micro-batch: (tokens, labels), both (B, T). Padding gets label IGNORE; with right padding
-    plain causal attention is exact for every real token (padding comes after it), so no mask is needed."""
+def collate(examples: list[dict], idx: list[int], device):
+    """Right-pad a micro-batch: (tokens, labels, positions, mask), tokens and labels (B, T). Padding gets label
+    IGNORE; with right padding plain causal attention is exact for every real token (padding comes after it),
+    so positions and mask are None, unless a row is packed (packing.py): then the rows' own positions and
+    the block mask that keeps its records apart."""
     T = max(len(examples[i]["input_ids"]) for i in idx)
     tokens = torch.zeros(len(idx), T, dtype=torch.long)
     labels = torch.full((len(idx), T), IGNORE, dtype=torch.long)
+    packed = any("segments" in examples[i] for i in idx)
+    positions = torch.arange(T).repeat(len(idx), 1) if packed else None
+    segments = torch.full((len(idx), T), -1, dtype=torch.long) if packed else None
     for b, i in enumerate(idx):
         ids = examples[i]["input_ids"]
         tokens[b, :len(ids)] = torch.tensor(ids)
         labels[b, :len(ids)] = torch.tensor(examples[i]["labels"])
-    return tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if packed:
+            positions[b, :len(ids)] = torch.tensor(examples[i].get("positions", range(len(ids))))
+            segments[b, :len(ids)] = torch.tensor(examples[i].get("segments", [0] * len(ids)))
+    to = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+    return to(tokens), to(labels), to(positions), to(block_mask(segments) if packed else None)
 
 
-def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor):
+def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor, positions=None, mask=None):
     """(summed cross-entropy over answer tokens, their count). Position t predicts token t+1.
 
     The head runs on answer positions only (logits_for=keep), a chunk at a time: never (B, T, vocab) logits.
@@ -187,7 +202,9 @@ def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor):
     """
     inputs, targets = tokens[:, :-1], labels[:, 1:]  # the last token is only ever a target
     keep = targets != IGNORE
-    return model(inputs, logits_for=keep, targets=targets[keep]), int(keep.sum())
+    if positions is not None:
+        positions, mask = positions[:, :-1], mask[:, :, :-1, :-1]
+    return model(inputs, positions, mask, logits_for=keep, targets=targets[keep]), int(keep.sum())
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -392,9 +409,9 @@ def evaluate(model, examples: list[dict], batch_tokens: int, dtype: torch.dtype,
     total = torch.zeros(2, dtype=torch.float64, device=device)
     # every rank runs the same number of forwards (FSDP's all-gathers are collective): spares repeat batch 0
     for j in range(rank, math.ceil(len(batches) / world) * world, world):
-        tokens, labels = collate(examples, batches[j if j < len(batches) else 0], device)
+        batch = collate(examples, batches[j if j < len(batches) else 0], device)
         with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-            s, n = answer_loss(model, tokens, labels)
+            s, n = answer_loss(model, *batch)
         if j < len(batches):
             total += torch.tensor([s.item(), n], dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -438,14 +455,14 @@ def accumulate(model, core, examples, mine: list[list[int]], count: int, cfg: Tr
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for k, idx in enumerate(mine):
         torch.manual_seed(_micro_seed(cfg.seed, step, rank * cfg.grad_accum + k))  # dropout: same for any split
-        tokens, labels = collate(examples, idx, device)
+        batch = collate(examples, idx, device)
         last = k == len(mine) - 1
         # accumulate locally; gradients are exchanged once, after the step's last micro-batch
         if sharded(cfg, world):
             model.set_requires_gradient_sync(last)
         with model.no_sync() if world > 1 and not sharded(cfg, world) and not last else nullcontext():
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-                s, _ = answer_loss(model, tokens, labels)
+                s, _ = answer_loss(model, *batch)
             (s * (world / count)).backward()  # DDP and FSDP average over processes: * world makes it a sum
         loss_sum += s.detach()
     return loss_sum

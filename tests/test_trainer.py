@@ -77,7 +77,7 @@ def test_answer_only_loss_equals_the_full_reference(tiny):
     """The head on answer positions only gives the loss of the usual full-logits computation."""
     model = load_model(tiny)
     examples = make_examples(Tokenizer.from_dir(tiny), 5)
-    tokens, labels = collate(examples, list(range(5)), "cpu")
+    tokens, labels, *_ = collate(examples, list(range(5)), "cpu")
     s, n = answer_loss(model, tokens, labels)
     with torch.no_grad():
         logits = model(tokens)[:, :-1]
@@ -111,7 +111,7 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path, full):
         again = load_adapter(load_model(tiny), tmp_path / "adapter")
         cfg_json = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
         assert cfg_json["base_model_name_or_path"] == str(tiny)
-    tokens, labels = collate(examples, list(range(8)), "cpu")
+    tokens, labels, *_ = collate(examples, list(range(8)), "cpu")
     with torch.no_grad():
         s, n = answer_loss(again, tokens, labels)
     assert s.item() / n < 0.6 * history[0]["loss"]

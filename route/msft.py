@@ -275,7 +275,7 @@ def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, 
         held, examples = examples[:n], examples[n:]
     out = Path(out)
     counts = Counter({"skipped: database missing": ds.skipped,
-                      "held out: questions on validation databases": len(ds.examples) - len(examples)})
+                      "held out: questions on validation databases": sum(e.db_id in VALIDATION_DBS for e in ds)})
     for name, part in (("val", held[:val_questions]), ("train", examples)):
         sqls = nc_from_model(part) if nc_from_model and "nc" in tasks else None
         records, c = build_examples(part, tasks, seed, model_sql=sqls, **kw)

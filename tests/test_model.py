@@ -51,6 +51,10 @@ def test_save_roundtrip_and_bf16(pair, tmp_path):
     x = torch.randint(0, VOCAB, (1, 20))
     with torch.no_grad():
         assert torch.equal(m(x), again(x))
+        # transformers reads what we wrote (names, shapes, config) and computes the same logits
+        import transformers
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+        assert (theirs(x).logits - m(x)).abs().max() <= 1e-4
         half = load_model(path, dtype="bf16")
         assert half.model.embed_tokens.weight.dtype == torch.bfloat16
         assert (half(x).float() - m(x)).abs().max() < 0.1 * m(x).abs().max()  # bf16 through 2 layers of large random weights

@@ -81,10 +81,12 @@ def test_stop_strings_cut_or_kept(engine):
             checked += 1
     assert checked >= 3  # the outputs were long enough to test at all
     # several stop strings: the earliest one in the text wins, whichever is listed first
-    p, text = next((p, t) for p, t in zip(PROMPTS, free) if len(t) > 8)
-    late, early = text[6:8], text[2:4]
-    first = min(text.find(late), text.find(early))
-    assert generate(model, tok, [p], max_new_tokens=24, stop=(late, early), progress=False)[0] == text[:first]
+    p, text = max(zip(PROMPTS, free), key=lambda pt: len(pt[1]))
+    early = text[2:4]
+    at = text.find(early)
+    late = next(text[j:j + 2] for j in range(at + 2, len(text) - 1) if text.find(text[j:j + 2]) > at + 1)
+    for stops in [(late, early), ("never written", early)]:
+        assert generate(model, tok, [p], max_new_tokens=24, stop=stops, progress=False)[0] == text[:at]
 
 
 def free_ids(ref, tok, prompt, n, eos=()):

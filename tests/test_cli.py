@@ -297,11 +297,12 @@ def test_infer_default_model_with_the_shipped_adapter(tmp_path):
     from route import hub
 
     hub.resolve_model(None)  # fetched once into ~/.cache/route (not timed by the subprocess)
-    db = DEMO / "database" / "pets_1" / "pets_1.sqlite"
-    question = "Find the number of distinct type of pets."
-    gold = "SELECT count(DISTINCT pettype) FROM pets"  # data/demo/dev.json
+    db = DEMO / "database" / "poker_player" / "poker_player.sqlite"
+    question = "What is the average earnings of poker players?"
+    gold = "SELECT avg(Earnings) FROM poker_player"  # data/demo/dev.json
     want = [list(r) for r in sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute(gold).fetchall()]
-    assert want == [[2]]
+    # by hand: the five players' earnings 476090 + 189233 + 104871 + 596462 + 142800 = 1509456, / 5
+    assert want == [[301891.2]]
     out = tmp_path / "t.jsonl"
     proc = ok(cli("infer.py", "--db", db, "--question", question, "--out", out))
     assert "adapters/qwen2.5-coder-0.5b-route" in proc.stdout and "zero-shot" in proc.stdout

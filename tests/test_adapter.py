@@ -81,14 +81,15 @@ def test_shipped_adapter_loaded_merged_and_packed_matches_peft():
     packed = pack_linears(model)
     if packed:  # (0 where torch lacks the oneDNN ops: nothing to check then)
         assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged LoRA layers packed as well
-        assert packed == n_lora and sum(isinstance(m, PackedLinear) for m in model.modules()) == n_lora
+        assert packed == n_lora + 1 == sum(isinstance(m, PackedLinear) for m in model.modules())  # + the head
     with torch.no_grad():
         got = model(ids)[0].float()
     # bf16 weights: within bf16 rounding of the fp32 reference, the same top token everywhere it is clear
     scale = want.abs().max()
     assert (merged - want).abs().max() < 0.05 * scale and (got - want).abs().max() < 0.05 * scale
     assert (got - merged).abs().max() < 0.02 * scale  # packing changes the layout, not the numbers
+    # the greedy token agrees wherever the reference's top-2 margin exceeds twice the error (it cannot flip)
     top2 = want.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.1 * scale
-    assert clear.sum() > len(clear) // 2
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * (got - want).abs().max(-1).values
+    assert clear.sum() >= len(clear) // 2  # (measured: 26 of 36 positions, max error 0.44 against logits up to 30)
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])

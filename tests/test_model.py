@@ -138,5 +138,5 @@ def test_chunked_head_loss_equals_plain_cross_entropy(tmp_path):
     chunked = m(inputs, logits_for=keep, targets=targets[keep])
     chunked.backward()
     assert int(keep.sum()) > 2048 and torch.allclose(chunked, plain, rtol=1e-5)
-    for n, p in m.named_parameters():
-        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
+    for n, p in m.named_parameters():  # fp32 sums over 2,400 positions in another order: relative to the scale
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6 * want[n].abs().max().item(), msg=n)

@@ -3,7 +3,6 @@ import hashlib
 import re
 import shutil
 import sqlite3
-import time
 
 import pytest
 
@@ -101,8 +100,7 @@ def test_execute_results_errors_and_caps(spider):
     assert r.ok and r.rows == [("Netherlands", 15864000)] and r.columns == ["Name", "Population"]
     assert "no such column" in db.execute("SELECT nope FROM country").error
     assert db.execute("SELEC 1").error and db.execute("").error == "empty SQL" and db.execute(None).error
-    start = time.monotonic()
-    assert db.execute(" " * 100_000 + "x").error and time.monotonic() - start < 0.5  # no regex backtracking
+    assert db.execute(" " * 100_000 + "x").error  # refused (how fast, without regex backtracking: bench/database.py)
     r = db.execute("SELECT * FROM city a, city b", max_rows=1000)
     assert r.ok and r.truncated and len(r.rows) == 1000
     r = db.execute("SELECT * FROM city", max_bytes=10_000)  # too many bytes: an error, not fewer rows
@@ -116,9 +114,8 @@ def test_execute_results_errors_and_caps(spider):
 ])
 def test_pathological_query_times_out(spider, sql):
     db = open_database(spider_db("world_1"))
-    start = time.monotonic()
-    r = db.execute(sql, timeout=0.5)
-    assert r.error.startswith("timeout") and time.monotonic() - start < 1.5
+    r = db.execute(sql, timeout=0.5)  # interrupted with an error (how late: bench/database.py)
+    assert r.error.startswith("timeout") and r.rows == []
     assert db.execute("SELECT count(*) FROM city").rows == [(4079,)]  # the connection is still usable
 
 
@@ -157,14 +154,12 @@ def test_bad_utf8_is_decoded_not_an_error(tmp_path):
     assert Database(path).execute("SELECT s FROM t").rows == [("A\ufffdB",)]
 
 
-def test_connection_reuse_and_speed(spider):
+def test_connection_reuse(spider):
+    """One Database per file, however the path is spelled (the speed this buys: bench/database.py)."""
     path = spider_db("world_1")
     db = open_database(path)
     assert open_database(str(path)) is db and open_database(path.parent / ".." / "world_1" / path.name) is db
-    start = time.perf_counter()
-    for i in range(500):  # distinct SQL: no result cache hits
-        assert db.execute(f"SELECT Name FROM city WHERE ID = {i + 1}").ok
-    assert time.perf_counter() - start < 1.0
+    assert db.execute("SELECT Name FROM city WHERE ID = 1").rows == [("Kabul",)]
 
 
 def test_bad_files(tmp_path):

@@ -1,5 +1,6 @@
 """The MCP chain: acceptance rules with a scripted model, garbage from a random model, prefix reuse."""
 import re
+import sqlite3
 
 import pytest
 
@@ -121,7 +122,16 @@ def test_random_model_end_to_end_and_prefix_reuse(db_path, tiny_engine):
     a, _ = run_chain(model, tok, examples, progress=False)
     b, _ = run_chain(model, tok, examples, reuse_prefix=False, progress=False)
     assert a == b
-    assert all(isinstance(t.sql, str) for t in a)
+    # each trace's outcome is what SQLite itself says about its final SQL (read-only): the rows, or a failure
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    for t, e in zip(a, examples):
+        assert t.question == e.question and t.db_id == "music"
+        try:
+            want = [list(r) for r in con.execute(t.sql).fetchall()[:20]]
+        except (sqlite3.Error, ValueError) as err:  # ValueError: SQLite refuses NUL characters
+            assert t.error and t.rows == [], (t.sql, err)
+        else:
+            assert t.error is None and t.rows == want, t.sql
 
 
 def test_parsers_survive_garbage(db_path):

@@ -51,6 +51,10 @@ def test_save_roundtrip_and_bf16(pair, tmp_path):
     x = torch.randint(0, VOCAB, (1, 20))
     with torch.no_grad():
         assert torch.equal(m(x), again(x))
+        # transformers reads what we wrote (names, shapes, config) and computes the same logits
+        import transformers
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+        assert (theirs(x).logits - m(x)).abs().max() <= 1e-4
         half = load_model(path, dtype="bf16")
         assert half.model.embed_tokens.weight.dtype == torch.bfloat16
         assert (half(x).float() - m(x)).abs().max() < 0.1 * m(x).abs().max()  # bf16 through 2 layers of large random weights
@@ -134,5 +138,5 @@ def test_chunked_head_loss_equals_plain_cross_entropy(tmp_path):
     chunked = m(inputs, logits_for=keep, targets=targets[keep])
     chunked.backward()
     assert int(keep.sum()) > 2048 and torch.allclose(chunked, plain, rtol=1e-5)
-    for n, p in m.named_parameters():
-        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
+    for n, p in m.named_parameters():  # fp32 sums over 2,400 positions in another order: relative to the scale
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6 * want[n].abs().max().item(), msg=n)

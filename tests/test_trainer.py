@@ -180,3 +180,82 @@ def test_two_processes_equal_one(tiny, tmp_path, mode):
     wa = torch.load(tmp_path / "one/checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "two/checkpoint.pt", weights_only=True)["model"]
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_periodic_checkpoints_resume_where_they_were_saved(tiny, tmp_path, monkeypatch):
+    """save_every=2 over 5 steps: checkpoints after steps 2 and 4 (and the final one); the one from step 2,
+    resumed, continues exactly like the uninterrupted run."""
+    whole = run(tiny, tmp_path / "whole", max_steps=5)
+    saved = []
+    real_save = trainer.save_checkpoint
+
+    def keep_a_copy(path, *args):
+        real_save(path, *args)
+        step = torch.load(path, weights_only=True)["step"]
+        saved.append(step)
+        path.with_name(f"step{step}.pt").write_bytes(path.read_bytes())
+
+    monkeypatch.setattr(trainer, "save_checkpoint", keep_a_copy)
+    history = run(tiny, tmp_path / "run", max_steps=5, save_every=2)
+    assert saved == [2, 4, 5]
+    assert [h["loss"] for h in history] == [h["loss"] for h in whole]
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    (tmp_path / "run/step2.pt").replace(tmp_path / "run/checkpoint.pt")  # as if stopped after step 2
+    rest = run(tiny, tmp_path / "run", max_steps=5, save_every=2, resume=True)
+    assert [h["step"] for h in rest] == [3, 4, 5]
+    assert [h["loss"] for h in rest] == [h["loss"] for h in whole[2:]]
+
+
+def test_non_finite_gradient_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+    real_accumulate = trainer.accumulate
+
+    def nan_at_step_3(model, core, examples, mine, count, cfg, step, *rest):
+        loss = real_accumulate(model, core, examples, mine, count, cfg, step, *rest)
+        if step == 2:
+            next(p for p in core.parameters() if p.requires_grad).grad.view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer, "accumulate", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="step 3: gradient norm is nan"):
+        run(tiny, tmp_path, max_steps=5, save_every=1)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "adapter").exists()
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the bad step is not logged as if it had happened
+
+
+def test_guards_against_a_mismatched_setup(tiny, tmp_path):
+    from route.lora import merge_lora
+
+    examples = make_examples(Tokenizer.from_dir(tiny), 8)
+    lora = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), max_steps=1, batch_tokens=400, dtype="fp32",
+                       progress=False)
+    full = TrainConfig(**{**vars(lora), "full": True})
+    with pytest.raises(ValueError, match="full=True"):  # the config says full, the model has adapters
+        train(prepare_model(lora), examples, full)
+    with pytest.raises(ValueError, match="full=False"):  # and the other way round
+        train(prepare_model(full), examples, lora)
+    with pytest.raises(ValueError, match="fsdp"):
+        train(prepare_model(lora), examples, TrainConfig(**{**vars(lora), "fsdp": True}))
+    merged = prepare_model(lora)
+    merge_lora(merged)
+    with pytest.raises(ValueError, match="merged"):
+        train(merged, examples, lora)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(load_model(tiny), examples, full)
+    with pytest.raises(ValueError, match="input_ids but"):
+        train(prepare_model(lora), [dict(examples[0], labels=examples[0]["labels"][:-1])], lora)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_too_few_micro_batches_for_a_step(tiny, tmp_path):
+    """A step takes world_size * grad_accum micro-batches: an epoch with fewer cannot make a single step."""
+    lengths = [100] * 6  # 4 per micro-batch under 400 tokens: 2 micro-batches an epoch
+    assert len(plan_epoch(lengths, 400, 0, 0)) == 2
+    steps, _ = plan_steps(lengths, TrainConfig(max_steps=3, batch_tokens=400, grad_accum=2), group=2)
+    assert len(steps) == 3 and all(len(s) == 2 for s in steps)
+    with pytest.raises(ValueError, match="2 micro-batches, fewer than world_size \\* grad_accum = 3"):
+        plan_steps(lengths, TrainConfig(max_steps=3, batch_tokens=400), group=3)
+    with pytest.raises(ValueError, match="fewer than world_size"):
+        run(tiny, tmp_path, grad_accum=1000)

@@ -37,6 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=0.8, help="for --samples")
     ap.add_argument("--seed", type=int, default=0, help="for --samples")
     ap.add_argument("--no-repair", action="store_true", help="no schema-based repair of failing SQL")
+    ap.add_argument("--vote-with-base", action="store_true",
+                    help="with an adapter: the base model's TS answer votes too (a second copy of the model)")
     ap.add_argument("--no-recall-sl", action="store_true",
                     help="a table SL names without a known column keeps only its keys (not all its columns)")
     ap.add_argument("--data", default=None, help="dataset root in Spider or BIRD layout (default: data/demo)")
@@ -76,7 +78,8 @@ def load_examples(args):
 
 
 def load_engine(args):
-    """Model + tokenizer (+ adapter); returns whether a fine-tuned adapter is active."""
+    """Model + tokenizer (+ adapter) + the base model when its answers vote too (--vote-with-base): returns
+    (model, tokenizer, whether a fine-tuned adapter is active, base model or None)."""
     from route import hub
     from route.model import pack_linears
     from route.tokenizer import Tokenizer
@@ -93,7 +96,13 @@ def load_engine(args):
         merge_lora(model)  # inference needs no separate LoRA matmuls
         print(f"adapter: {adapter}")
     pack_linears(model)  # CPU bf16: weights laid out once for oneDNN (a no-op elsewhere)
-    return model, Tokenizer.from_dir(path), adapter is not None
+    base = None
+    if adapter is not None and args.vote_with_base:
+        # a second, plain copy rather than an unmerged adapter switched off: merged and packed, each copy runs
+        # at full speed on CPU, and a 0.5B model's copy costs 1 GB
+        base = load_model(path, dtype=args.dtype, device=args.device)
+        pack_linears(base)
+    return model, Tokenizer.from_dir(path), adapter is not None, base
 
 
 def main(argv=None):
@@ -111,12 +120,12 @@ def main(argv=None):
         load_sqlite(args.db, [])  # a missing or non-SQLite file fails now, not after loading the model
     else:
         ds = load_examples(args)
-    model, tok, tuned = load_engine(args)
+    model, tok, tuned, base = load_engine(args)
     fewshot = {"auto": not tuned, "yes": True, "no": False}[args.fewshot]
     # the chain with this run's options: a dataset run and a session call the same thing
     chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=args.samples,
                     temperature=args.temperature, seed=args.seed, repair=not args.no_repair,
-                    recall_sl=not args.no_recall_sl, batch_tokens=args.batch_tokens,
+                    recall_sl=not args.no_recall_sl, base=base, batch_tokens=args.batch_tokens,
                     reuse_prefix=not args.no_prefix_reuse)
     print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "
           f"{'few-shot' if fewshot else 'zero-shot'} prompts")

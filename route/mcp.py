@@ -61,12 +61,13 @@ def _merge(*links: dict[str, set[str]]) -> dict[str, set[str]]:
 
 
 def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0,
-              temperature: float = 0.8, seed: int = 0, repair: bool = True, recall_sl: bool = True,
+              temperature: float = 0.8, seed: int = 0, repair: bool = True, recall_sl: bool = True, base=None,
               sample_rows: int = 3, batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True,
               timeout: float = 10.0, generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
     """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
     samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
-    question (temperature, seed) for the vote. generate_fn stands in for generate() in tests."""
+    question (temperature, seed) for the vote. base: a second model (the base model of `model`'s adapter)
+    whose greedy TS answer on the same pruned schema votes too. generate_fn stands in for generate() in tests."""
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
@@ -75,12 +76,12 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
     schemas = {db.path: db.schema_prompt(sample_rows=sample_rows) for db in dbs}
     traces = [Trace(e.question, e.db_id) for e in examples]
 
-    def ask(task, items, name=None, prefix_cache=cache, **kw):
+    def ask(task, items, name=None, prefix_cache=cache, lm=model, **kw):
         """items: (index, prompt parts); returns the answers in order."""
         if not items:
             return []
         t0 = time.perf_counter()
-        outs = generate_fn(model, tok, [p for _, p in items], max_new_tokens=MAX_NEW[task], stop=prompts.STOP[task],
+        outs = generate_fn(lm, tok, [p for _, p in items], max_new_tokens=MAX_NEW[task], stop=prompts.STOP[task],
                            keep_stop=task == "nc", batch_tokens=batch_tokens, prefix_cache=prefix_cache,
                            reuse_prefix=reuse_prefix, progress=progress, desc=name or task, **kw)
         times[name or task] = times.get(name or task, 0.0) + time.perf_counter() - t0
@@ -126,9 +127,12 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
         traces[i].ts_sql = prompts.parse_sql(out)
     sampled = ask("ts", [it for it in items for _ in range(samples)], "samples", prefix_cache=ts_cache,
                   temperature=temperature, seed=seed)
+    del ts_cache
+    from_base = ask("ts", items, "base ts", prefix_cache=PrefixCache(max_bytes=1 << 30), lm=base) if base else []
     for k, (i, _) in enumerate(items):
         tr = traces[i]
         cands = [Candidate(tr.ts_sql, "ts")] + ([Candidate(tr.pre_sql, "pre-sql")] if tr.pre_sql else []) + \
+            ([Candidate(prompts.parse_sql(from_base[k]), "base ts")] if base else []) + \
             [Candidate(prompts.parse_sql(sampled[k * samples + j]), f"sample {j + 1}") for j in range(samples)]
         written = [c.sql for c in cands]
         for c in cands:

@@ -58,7 +58,7 @@ def _fix_columns(select: exp.Select, db, outer: list[dict]) -> bool:
         return False  # a derived table's columns are not in the schema: leave this query alone
     tables = sources
     out_aliases = {e.alias.lower() for e in select.expressions if isinstance(e, exp.Alias)}
-    changed = False
+    changed, missing = False, set()
     for col in select.find_all(exp.Column):
         if col.find_ancestor(exp.Select) is not select or isinstance(col.this, exp.Star):
             continue  # a nested query's columns are its own scope
@@ -80,7 +80,44 @@ def _fix_columns(select: exp.Select, db, outer: list[dict]) -> bool:
             if fixed:
                 col.set("this", exp.to_identifier(fixed))
                 changed = True
-    return changed
+            else:
+                missing.add(name.lower())
+    return (missing and _join_owner(select, db, missing, tables)) or changed
+
+
+def _scope_columns(select: exp.Select):
+    return [c for c in select.find_all(exp.Column)
+            if c.find_ancestor(exp.Select) is select and not isinstance(c.this, exp.Star)]
+
+
+def _join_owner(select: exp.Select, db, names: set[str], sources: dict) -> bool:
+    """Columns no table of the query has, all in one other table that one foreign key links to a table of
+    the query: the query forgot a join. Join that table on the key and qualify the columns (and those that
+    the join makes ambiguous) with their tables."""
+    used = {t.name.lower() for t in sources.values()}
+    owners = [t for t in db.tables if t.name.lower() not in used and all(t.column(n) for n in names)]
+    links = []
+    for t in owners:
+        for alias, s in sources.items():
+            for a, b in ((t, s), (s, t)):
+                links += [(t, alias, a is t, fk) for fk in a.foreign_keys
+                          if fk.ref_table.lower() == b.name.lower() and len(fk.columns) == 1 and fk.ref_columns]
+    if len(links) != 1:
+        return False
+    owner, alias, owner_refers, fk = links[0]
+    src = _alias_as_written(select, alias)
+    left, right = (owner.name, src) if owner_refers else (src, owner.name)
+    for col in _scope_columns(select):
+        if col.table:
+            continue
+        if col.name.lower() in names:
+            col.set("table", exp.to_identifier(owner.name))
+        elif owner.column(col.name) and (have := [a for a, t in sources.items() if t.column(col.name)]):
+            if len(have) == 1:  # the new table has it too: keep the meaning it had
+                col.set("table", exp.to_identifier(_alias_as_written(select, have[0])))
+    select.append("joins", exp.Join(this=exp.to_table(owner.name), on=exp.EQ(
+        this=exp.column(fk.columns[0], left), expression=exp.column(fk.ref_columns[0], right))))
+    return True
 
 
 def _alias_as_written(select: exp.Select, alias_lower: str) -> str:

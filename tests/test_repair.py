@@ -22,6 +22,11 @@ CASES = [  # (database, broken query, a correct query the repair must agree with
      "SELECT count(*) FROM singer"),
     ("concert_singer", "SELECT Name FROM singer WHERE Age > (SELECT avg(Agee) FROM singer)",  # in a subquery
      "SELECT Name FROM singer WHERE Age > (SELECT avg(Age) FROM singer)"),
+    ("concert_singer", "SELECT concert_Name FROM singer_in_concert WHERE Singer_ID = 2",  # a forgotten join
+     "SELECT T2.concert_Name FROM singer_in_concert AS T1 JOIN concert AS T2 ON T1.concert_ID = T2.concert_ID "
+     "WHERE T1.Singer_ID = 2"),
+    ("pets_1", "SELECT StuID, PetType FROM Has_Pet WHERE weight > 10",  # ... which makes StuID need its table
+     "SELECT T1.StuID, T2.PetType FROM Has_Pet AS T1 JOIN Pets AS T2 ON T1.PetID = T2.PetID WHERE T2.weight > 10"),
     ("pets_1", "SELECT T1.Fname FROM Student AS T1 JOIN Has_Pet AS T2",  # join key from the foreign key
      "SELECT T1.Fname FROM Student AS T1 JOIN Has_Pet AS T2 ON T1.StuID = T2.StuID"),
     ("pets_1", "SELECT T3.PetType FROM Student AS T1 JOIN Has_Pet AS T2 ON T1.StuID = T2.StuID "
@@ -37,7 +42,8 @@ UNTOUCHED = [  # nothing unambiguous to repair: None
     ("concert_singer", "SELECT Name FROM singer AS S WHERE EXISTS "
                        "(SELECT 1 FROM singer_in_concert WHERE Singer_ID = S.Singer_ID)"),  # correlated
     ("concert_singer", "SELECT T1.x FROM (SELECT Name FROM singer) AS T1"),  # a derived table: not guessed
-    ("concert_singer", "SELECT title FROM singer"),  # no close name
+    ("concert_singer", "SELECT title FROM singer"),  # no close name, no table has it
+    ("concert_singer", "SELECT Capacity FROM singer"),  # stadium has it, but no foreign key links it to singer
     ("concert_singer", "this is not SQL ,,,"),
     ("concert_singer", ""),
 ]

@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "data" / "demo"
 ADAPTER = ROOT / "adapters" / "qwen2.5-coder-0.5b-route"  # trained by train.py for the default model
+SAMPLES = 4  # sampled TS candidates with the chain: chosen on the validation split (README, "Candidates and repair")
 
 
 def parse_args(argv=None):
@@ -32,11 +33,13 @@ def parse_args(argv=None):
     ap.add_argument("--no-adapter", action="store_true", help="do not use the adapter shipped for the default model")
     ap.add_argument("--fewshot", choices=["auto", "yes", "no"], default="auto",
                     help="few-shot SL/NC/CW prompts (auto: yes unless a fine-tuned adapter is used)")
-    ap.add_argument("--samples", type=int, default=0,
-                    help="sampled TS candidates per question that vote with the greedy ones by execution result")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="sampled TS candidates per question that vote with the greedy ones by execution result "
+                    f"(default: {SAMPLES} with MCP steps, 0 for plain text-to-SQL)")
     ap.add_argument("--temperature", type=float, default=0.8, help="for --samples")
     ap.add_argument("--seed", type=int, default=0, help="for --samples")
-    ap.add_argument("--no-repair", action="store_true", help="no schema-based repair of failing SQL")
+    ap.add_argument("--no-repair", action="store_true",
+                    help="no schema-based repair of failing SQL (plain text-to-SQL never repairs)")
     ap.add_argument("--vote-with-base", action="store_true",
                     help="with an adapter: the base model's TS answer votes too (a second copy of the model)")
     ap.add_argument("--no-recall-sl", action="store_true",
@@ -123,8 +126,10 @@ def main(argv=None):
     model, tok, tuned, base = load_engine(args)
     fewshot = {"auto": not tuned, "yes": True, "no": False}[args.fewshot]
     # the chain with this run's options: a dataset run and a session call the same thing
-    chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=args.samples,
-                    temperature=args.temperature, seed=args.seed, repair=not args.no_repair,
+    # plain text-to-SQL (--steps none) is the model's greedy answer as written: no samples, no repair
+    samples = args.samples if args.samples is not None else SAMPLES if steps else 0
+    chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=samples,
+                    temperature=args.temperature, seed=args.seed, repair=not args.no_repair and bool(steps),
                     recall_sl=not args.no_recall_sl, base=base, batch_tokens=args.batch_tokens,
                     reuse_prefix=not args.no_prefix_reuse)
     print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "

@@ -132,6 +132,7 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
     kind = layout(root)
     files, db_dirs = _files_and_db_dirs(root, kind, str(split))
     examples, missing, skipped, position, skipped_examples, id_key = [], set(), 0, 0, [], "position"
+    seen = 0  # records read from the files: the id of a record without one (a split's position may differ: val)
     for path in files:
         records = read_json(path)
         if not isinstance(records, list):
@@ -141,15 +142,15 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
                 question, db_id = r["question"].strip(), str(r["db_id"])
                 gold = (r.get("query", r.get("SQL")) or "").strip()
                 evidence = (r.get("evidence") or "").strip()
-                index = int(r.get("question_id", r.get("dev_index", position)))
-                if position == 0:
+                index = int(r.get("question_id", r.get("dev_index", seen)))
+                if seen == 0:
                     id_key = next((k for k in ("question_id", "dev_index") if k in r), "position")
             except (KeyError, TypeError, AttributeError, ValueError):
                 raise DatasetError(f"{path}: example {i} is not a dict with a 'question' string and a 'db_id'"
                                    ) from None
+            seen += 1
             if split == "val" and kind == "spider" and db_id not in VALIDATION_DBS:
-                position += 1
-                continue
+                continue  # not in the split: its prediction file counts the split's questions only
             check_question(question, f"{path}: the question of example {i}")
             db_path = next((d / db_id / f"{db_id}.sqlite" for d in db_dirs
                             if (d / db_id / f"{db_id}.sqlite").is_file()), None)
@@ -162,6 +163,8 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
                 skipped_examples.append(ex)
                 continue
             examples.append(ex)
+    if split == "val" and kind == "spider":
+        id_key = "train_index"  # the question's position in train_spider.json
     name = f"{kind}/{Path(split).stem}"
     return Dataset(name, examples, skipped, missing, skipped_examples, id_key)
 

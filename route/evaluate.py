@@ -317,4 +317,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from route import cli
+    sys.exit(cli.run(main))  # a bad --pred, --gold or --db-root: one line naming it

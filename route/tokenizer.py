@@ -16,6 +16,13 @@ def _token_text(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, chat_template: str, eos_ids: list[int], bos: str | None,
                  source: str = "tokenizer"):
@@ -40,8 +47,11 @@ class Tokenizer:
         tok_file = path / "tokenizer.json"
         if not tok_file.exists():
             raise FileNotFoundError(f"{tok_file} not found")
-        tok = HFTokenizer.from_file(str(tok_file))
-        cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+        try:
+            tok = HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+            raise ValueError(f"{tok_file}: not a readable tokenizer file ({e})") from None
+        cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         template = cfg.get("chat_template") or ""
         if not template and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text()
@@ -49,7 +59,7 @@ class Tokenizer:
         eos: list[int] = []
         for f in ("generation_config.json", "config.json"):
             if (path / f).exists():
-                e = json.loads((path / f).read_text()).get("eos_token_id")
+                e = _read_json(path / f).get("eos_token_id")
                 eos += e if isinstance(e, list) else [e] if e is not None else []
         eos_text = _token_text(cfg.get("eos_token"))
         if eos_text and tok.token_to_id(eos_text) is not None:

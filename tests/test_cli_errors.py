@@ -91,6 +91,10 @@ def test_config_files_that_are_not_json(tiny, db, tmp_path):
     shutil.copytree(model, bad_model)
     (bad_model / "config.json").write_bytes(b"\xff\xfe garbage")
     assert_one_line(infer(tmp_path, db, "--model", str(bad_model)), bad_model / "config.json")
+    bad_tok = tmp_path / "model_tok"
+    shutil.copytree(model, bad_tok)
+    (bad_tok / "tokenizer.json").write_text("{truncated")
+    assert_one_line(infer(tmp_path, db, "--model", str(bad_tok)), bad_tok / "tokenizer.json")
 
 
 def test_missing_model(db, tmp_path):

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "data" / "demo"
 ADAPTER = ROOT / "adapters" / "qwen2.5-coder-0.5b-route"  # trained by train.py for the default model
-SAMPLES = 4  # sampled TS candidates with the chain: chosen on the validation split (README, "Candidates and repair")
+SAMPLES = 2  # sampled TS candidates with the chain: chosen on the validation split for accuracy against time (README)
 
 
 def parse_args(argv=None):

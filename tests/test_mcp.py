@@ -60,7 +60,10 @@ def scripted(calls):
             task = next(t for marker, t in TASKS.items() if marker in text)
             question = re.search(r"### Question: (.*?)(?:<\|im_end\|>|\n)", text).group(1)
             calls.append((task, question, text))
-            outs.append(SCRIPT.get(question, {}).get(task, "%% garbage {[ ```"))
+            out = SCRIPT.get(question, {}).get(task, "%% garbage {[ ```")
+            # the pre-SQL returns no rows, so it never agrees with TS: NC, which skips answers that all
+            # candidates agree on, then has its say on every question
+            outs.append(out + " LIMIT 0" if kw.get("desc") == "pre-sql" else out)
         return outs
     return fake_generate
 
@@ -198,3 +201,17 @@ def test_samples_and_the_base_model_vote(db_path, tiny_engine):
     assert len(pruned) == 3 and all(a[4] == pruned[0][4][:1] * len(a[4]) for a in pruned)  # one prompt, 3 askers
     assert [(a[1], a[2], a[3]) for a in pruned] == [(False, 0.0, None), (False, 0.7, 5), (True, 0.0, None)]
     assert {"samples", "base ts"} <= set(times)
+
+
+def test_nc_skips_answers_the_candidates_agree_on(db_path, tiny_engine):
+    model, tok = tiny_engine
+    asked = []
+
+    def fake(lm, tok, prompt_list, **kw):
+        asked.append(kw.get("desc"))
+        return ['{"singer": ["name"]}' if kw.get("desc") == "sl" else "SELECT count(*) FROM singer"] * len(prompt_list)
+
+    traces, _ = run_chain(model, tok, [Example("How many singers?", "music", db_path)], steps=("sl", "nc"),
+                          samples=2, generate_fn=fake, progress=False)
+    assert traces[0].nc == "skipped: candidates agree" and "nc" not in asked
+    assert [c["group"] for c in traces[0].candidates] == [0, 0, 0, 0] and traces[0].rows == [[3]]

@@ -31,13 +31,18 @@ def read_traces(path, n: int) -> tuple[list[dict], dict]:
     return rows, summary
 
 
-def main(argv=None):
+def traces_and_split(argv):
+    """The command line both trace scripts take: trace files, --data, --split; returns (args, dataset)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("traces", nargs="+")
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", required=True)
     args = ap.parse_args(argv)
-    ds = load_dataset(args.data, args.split)
+    return args, load_dataset(args.data, args.split)
+
+
+def main(argv=None):
+    args, ds = traces_and_split(argv)
     print(f"{'trace':40}" + "".join(f"{n:>9}" for n, _ in FIELDS) + f"{'fails':>8}{'min':>7}")
     for path in args.traces:
         rows, summary = read_traces(path, len(ds.examples))

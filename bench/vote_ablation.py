@@ -7,15 +7,13 @@ answers: how many samples pay, what repair adds, and, given two traces (say the 
 adapter's), what a vote over both models' candidates would answer. It scores the vote's answer, i.e. the
 chain cut before NC and CW.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.steps import read_traces  # noqa: E402
+from bench.steps import read_traces, traces_and_split  # noqa: E402
 from route.database import open_database  # noqa: E402
-from route.datasets import load_dataset  # noqa: E402
 from route.evaluate import evaluate  # noqa: E402
 from route.repair import repair  # noqa: E402
 from route.vote import Candidate, vote  # noqa: E402
@@ -47,12 +45,7 @@ def answer(dbs_rows, k: int, repaired: bool, cache: dict) -> list[str]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("traces", nargs="+")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--split", required=True)
-    args = ap.parse_args(argv)
-    ds = load_dataset(args.data, args.split)
+    args, ds = traces_and_split(argv)
     traces = {p: read_traces(p, len(ds.examples))[0] for p in args.traces}
     n = max(sum(c["source"].startswith("sample") for c in tr[0]["candidates"]) for tr in traces.values())
     dbs = [open_database(e.db_path) for e in ds.examples]

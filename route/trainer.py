@@ -116,7 +116,8 @@ def tokenize_examples(tok, prompts: list, answers: list[str], close_turn: bool =
     for ps, a in zip(parts, ans):
         p = [t for part in ps for t in part]
         # prefix_len: the first part (system + schema), which packing.py shares between records
-        out.append({"input_ids": p + a, "labels": [IGNORE] * len(p) + a, "prefix_len": len(ps[0]) if len(ps) > 1 else 0})
+        out.append({"input_ids": p + a, "labels": [IGNORE] * len(p) + a,
+                    "prefix_len": len(ps[0]) if len(ps) > 1 else 0})
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import write_music_db, write_tiny, write_tiny_tokenizer
+from tiny import write_music_db, write_tiny_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -68,9 +68,7 @@ def traces(path: Path) -> tuple[list[dict], dict]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
-    write_tiny(path, "qwen2")
-    write_tiny_tokenizer(path, "qwen2")
-    return path
+    return write_tiny_dir(path)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from route.tokenizer import Tokenizer
 from route.trainer import (IGNORE, TrainConfig, answer_loss, collate, lr_at, plan_epoch, plan_steps, prepare_model,
                            tokenize_example, tokenize_examples, train)
 from route.weights import load_model
-from tiny import write_tiny, write_tiny_tokenizer
+from tiny import write_tiny_dir
 from train_worker import make_examples, run
 
 HERE = Path(__file__).parent
@@ -26,9 +26,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen2")
-    write_tiny(path, "qwen2")
-    write_tiny_tokenizer(path, "qwen2")
-    return path
+    return write_tiny_dir(path)
 
 
 def test_tokenize_example_masks_the_prompt(tiny):

@@ -100,6 +100,13 @@ def write_tiny_tokenizer(path, family: str = "qwen2"):
     return tok
 
 
+def write_tiny_dir(path, family: str = "qwen2"):
+    """A tiny random model and its tokenizer written into `path`; returns path."""
+    write_tiny(path, family)
+    write_tiny_tokenizer(path, family)
+    return path
+
+
 def write_music_db(path):
     """A three-table SQLite database (country <- singer <- concert) for the SQL-side tests; returns path."""
     import sqlite3

@@ -67,7 +67,8 @@ def main(argv=None):
     from route import hub, msft, prompts
     from route.datasets import layout
     from route.tokenizer import Tokenizer
-    from route.trainer import TrainConfig, prepare_model, tokenize_examples, train
+    from route.batching import tokenize_examples
+    from route.trainer import TrainConfig, prepare_model, train
 
     tasks = msft.TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     if set(tasks) - set(msft.TASKS):
@@ -102,14 +103,14 @@ def main(argv=None):
         print(f"packed behind shared schema prefixes: {n} -> {sum(len(e['input_ids']) for e in train_set)} tokens")
     print(f"{len(train_set)} training and {len(val_set)} held-out examples, tasks {','.join(tasks)}, "
           f"{sum(len(e['input_ids']) for e in train_set) / max(1, len(train_set)):.0f} tokens on average")
-    cfg = TrainConfig(out_dir=args.out, base_model=str(model_dir), full=args.full, lora_r=args.rank,
-                      lora_alpha=args.alpha, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps or None,
-                      batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, max_len=args.max_len,
-                      checkpointing=args.checkpointing, eval_every=args.eval_every, save_every=args.save_every,
-                      resume=args.resume, seed=args.seed, dtype=args.dtype)
-    model = prepare_model(cfg)
+    tc = TrainConfig(out_dir=args.out, base_model=str(model_dir), full=args.full, lora_r=args.rank,
+                     lora_alpha=args.alpha, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps or None,
+                     batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, max_len=args.max_len,
+                     checkpointing=args.checkpointing, eval_every=args.eval_every, save_every=args.save_every,
+                     resume=args.resume, seed=args.seed, dtype=args.dtype)
+    model = prepare_model(tc)
     try:
-        train(model, train_set, cfg, val_set)
+        train(model, train_set, tc, val_set)
     except KeyboardInterrupt:  # the trainer saved a checkpoint first
         print(f"interrupted: continue with the same command plus --resume (checkpoint in {args.out})",
               file=sys.stderr)

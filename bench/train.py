@@ -11,7 +11,7 @@ its fastest settings: SDPA attention and no attention mask (plain causal attenti
 and -100 labels). The data mimic ROUTE's: long prompts (schema + rows; random tokens here), short answers.
 
 MFU convention (both sides): 4N FLOPs per token for LoRA (6N for full), N = weights of the transformer blocks
-(no embeddings, output head, attention scores or recomputation), against the peak of route.trainer.peak_flops:
+(no embeddings, output head, attention scores or recomputation), against the peak of route.mfu.peak_flops:
 a datasheet number on GPUs, a measured bf16 GEMM on CPUs. The first step of each side is warmup, not timed.
 """
 import argparse
@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from route.lora import ALL_TARGETS  # noqa: E402
-from route.trainer import (TrainConfig, collate, compute_dtype, flops_per_token, peak_flops, pick_device,  # noqa: E402
-                           plan_steps, prepare_model, train)
+from route.batching import collate, plan_steps  # noqa: E402
+from route.mfu import compute_dtype, flops_per_token, peak_flops, pick_device  # noqa: E402
+from route.trainer import TrainConfig, prepare_model, train  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -39,9 +40,9 @@ def ensure_model(path: Path, layers: int | None):
         return
     import transformers
     print(f"writing a random Qwen2.5-0.5B-shaped checkpoint to {path} ...", flush=True)
-    cfg = transformers.Qwen2Config(**{**QWEN25_05B, **({"num_hidden_layers": layers} if layers else {})})
+    hf_config = transformers.Qwen2Config(**{**QWEN25_05B, **({"num_hidden_layers": layers} if layers else {})})
     torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    transformers.Qwen2ForCausalLM(hf_config).to(torch.bfloat16).save_pretrained(path)
 
 
 def make_examples(n: int, vocab: int, prompt_len: tuple[int, int], answer_len: tuple[int, int], seed: int = 0):
@@ -117,18 +118,18 @@ def main():
     lengths = [len(e["input_ids"]) for e in examples]
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(out_dir=out, base_model=str(path), full=args.full, lora_r=args.r, lora_alpha=args.alpha,
-                          lora_dropout=args.dropout, max_steps=args.steps, batch_tokens=args.batch_tokens,
-                          grad_accum=args.grad_accum, lr=1e-4, warmup=0, dtype=args.dtype, save_every=0,
-                          progress=False, device=args.device)
-        steps, _ = plan_steps(lengths, cfg, args.grad_accum)  # the batches train() will run, in its order
+        tc = TrainConfig(out_dir=out, base_model=str(path), full=args.full, lora_r=args.r, lora_alpha=args.alpha,
+                         lora_dropout=args.dropout, max_steps=args.steps, batch_tokens=args.batch_tokens,
+                         grad_accum=args.grad_accum, lr=1e-4, warmup=0, dtype=args.dtype, save_every=0,
+                         progress=False, device=args.device)
+        steps, _ = plan_steps(lengths, tc, args.grad_accum)  # the batches train() will run, in its order
         device = pick_device(args.device)
         dtype = compute_dtype(args.dtype, device)
         print(f"{path}: {args.steps} steps of {args.grad_accum} x <= {args.batch_tokens} padded tokens, "
               f"{str(dtype).removeprefix('torch.')} on {device}, {torch.get_num_threads()} CPU threads", flush=True)
-        model = prepare_model(cfg)
+        model = prepare_model(tc)
         fpt = flops_per_token(model, full=args.full)
-        history = train(model, examples, cfg)
+        history = train(model, examples, tc)
         for h in history:
             print(f"  route step {h['step']}: {h['tokens'] / h['tokens_per_s']:.2f} s, loss {h['loss']:.4f}",
                   flush=True)

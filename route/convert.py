@@ -14,14 +14,10 @@ into what the rest of this project reads: `config.json`, `model.safetensors`, `g
   anything else is refused with the file and the reason.
 """
 import argparse
-import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +28,10 @@ from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .files import atomic_dir, sha256_file
+from .weights import as_dtype
+
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 # GGUF tensor names -> HF names ("blk.N." becomes "model.layers.N.")
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -64,14 +62,6 @@ TIE_TOLERANCE = 0.2
 
 class ConversionError(ValueError):
     pass
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_metadata(reader: GGUFReader) -> dict:
@@ -150,24 +140,15 @@ def model_config(meta: dict, tensors: dict, source) -> dict:
     theta = _f32(get("rope.freq_base", 10000.0))
     vocab = int(tensors["token_embd.weight"].shape[-1])  # the matrix is the truth, not the token list
     cfg = {
-        "architectures": [ARCHITECTURES[arch]],
-        "model_type": arch,
-        "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(n_kv),
-        "hidden_act": "silu",
-        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": theta,
-        "rope_scaling": None,
-        "max_position_embeddings": int(get("context_length")),
-        "vocab_size": vocab,
+        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")), "num_attention_heads": n_heads,
+        "num_key_value_heads": int(n_kv), "hidden_act": "silu",
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")), "rope_theta": theta, "rope_scaling": None,
+        "max_position_embeddings": int(get("context_length")), "vocab_size": vocab,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": True,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
     }
     if arch == "qwen2":
         if head_dim != hidden // n_heads:
@@ -330,7 +311,8 @@ def card(prov: dict) -> str:
         f"- Stored here as {prov['dtype']}: the dequantized values of the quantized file, so this is the quantized "
         "model, not the original full-precision weights; quantization costs some accuracy against them.",
     ]
-    lines += [f"- {prov['tied_embeddings'][0].upper()}{prov['tied_embeddings'][1:]}."] if "tied_embeddings" in prov else []
+    tied = prov.get("tied_embeddings")
+    lines += [f"- {tied[0].upper()}{tied[1:]}."] if tied else []
     lines += [f"- {note}" for note in about.get("notes", [])]
     lines += ["", f"Made by `python -m route.convert` (dequantization: {prov['dequantized_by']}); details in "
               "`provenance.json`.", ""]
@@ -344,7 +326,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
     `about` (name, description, upstream, license, notes) is written into provenance.json and README.md.
     """
     src, out = Path(gguf_path), Path(out_dir)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = as_dtype(dtype)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty")
     start = time.time()
@@ -363,39 +345,21 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     tok_cfg, gen_cfg = tokenizer_files(meta, cfg["max_position_embeddings"])
 
-    prov = {
-        "source_file": src.name,
-        "source_sha256": sha256 or sha256_file(src),
-        "source_bytes": src.stat().st_size,
-        "gguf": {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, (str, int, float))},
-        "dtype": cfg["torch_dtype"],
-        **notes,
-        "converter": "route.convert",
-        "dequantized_by": "gguf " + _gguf_version(),
-    }
+    prov = {"source_file": src.name, "source_sha256": sha256 or sha256_file(src), "source_bytes": src.stat().st_size,
+            "gguf": {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, (str, int, float))},
+            "dtype": cfg["torch_dtype"], **notes, "converter": "route.convert",
+            "dequantized_by": "gguf " + _gguf_version()}
     prov["gguf"]["quantization"] = file_type(meta.get("general.file_type"))
     if about:
         prov["about"] = about
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=False) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
         for name, content in [("config.json", cfg), ("generation_config.json", gen_cfg),
                               ("tokenizer_config.json", tok_cfg), ("provenance.json", prov)]:
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         (tmp / "README.md").write_text(card(prov))
-        for f in tmp.iterdir():  # mkdtemp and safetensors create private files; a model directory is not secret
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # someone filled `out` meanwhile: theirs stays untouched
-            raise FileExistsError(f"{out} already exists and is not empty") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress is True:
         print(f"converted {src.name} -> {out} in {time.time() - start:.1f}s", file=sys.stderr)
     return out

@@ -16,7 +16,6 @@ load theirs. `export_merged` folds the adapters into the weights and writes a pl
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .weights import DTYPES, read_json_file, save_model
+from .files import atomic_file, read_json_file
+from .weights import as_dtype, save_model
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> the transformers model
@@ -57,12 +57,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         # The low-rank path runs in the compute dtype (bf16 under autocast or with a bf16 model), not fp32:
-        # upcasting x copies the whole activation at twice its size and runs the skinny matmuls at fp32 speed.
-        # On this project's AVX512-BF16 CPU a bf16 GEMM is ~4x faster than fp32, and a rank-16 896->4864
-        # layer over 2048 tokens (forward + backward) cost the frozen matmul +15% this way against +150% with
-        # PEFT's fp32 branch. A and B remain fp32 master weights: the casts below are differentiable, so their
-        # gradients arrive in fp32. The scaling is folded into B (out x r, tiny) rather than applied to the
-        # (tokens x out) result.
+        # upcasting x would copy the whole activation at twice its size and run the skinny matmuls at fp32 speed
+        # (README, "Measures", has the cost against PEFT's fp32 branch). A and B remain fp32 master weights: the
+        # casts below are differentiable, so their gradients arrive in fp32. The scaling is folded into B
+        # (out x r, tiny) rather than applied to the (tokens x out) result.
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         a, b = self.lora_A.to(dt), (self.lora_B * self.scaling).to(dt)
         return y + F.linear(F.linear(self.dropout(x), a), b)
@@ -151,7 +149,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | Path
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters to save")
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = as_dtype(dtype)
     first = next(iter(mods.values()))
     if any(m.r != first.r or m.alpha != first.alpha for m in mods.values()):
         raise ValueError("adapters with different ranks per layer are not supported")
@@ -167,11 +165,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | Path
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    # write-then-rename, so an interrupted save never leaves a half-written adapter behind
-    save_file(adapter_state_dict(model, dtype), path / (WEIGHTS + ".tmp"), metadata={"format": "pt"})
-    (path / (CONFIG + ".tmp")).write_text(json.dumps(config, indent=2))
-    (path / (WEIGHTS + ".tmp")).replace(path / WEIGHTS)
-    (path / (CONFIG + ".tmp")).replace(path / CONFIG)
+    with atomic_file(path / CONFIG) as config_tmp, atomic_file(path / WEIGHTS) as weights_tmp:
+        save_file(adapter_state_dict(model, dtype), weights_tmp, metadata={"format": "pt"})
+        config_tmp.write_text(json.dumps(config, indent=2))
 
 
 def read_adapter_config(path: str | Path) -> dict:
@@ -234,10 +230,6 @@ def load_adapter(model: nn.Module, path: str | Path, dropout: float | None = Non
     return model
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt")
-
-
 def export_merged(model: nn.Module, path: str | Path, base_model_path: str | Path, dtype=None):
     """Write base + adapters as one plain HF-format model directory (config, weights, tokenizer files).
 
@@ -246,8 +238,8 @@ def export_merged(model: nn.Module, path: str | Path, base_model_path: str | Pat
     save_model puts everything anyway) and the original bias, so the files carry the base model's names.
     """
     base_model_path = Path(base_model_path)
-    hf_config = json.loads((base_model_path / "config.json").read_text())
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    hf_config = read_json_file(base_model_path / "config.json")
+    dtype = as_dtype(dtype)
     mods = lora_modules(model)
     try:
         for name, m in mods.items():
@@ -258,11 +250,8 @@ def export_merged(model: nn.Module, path: str | Path, base_model_path: str | Pat
             plain.bias = m.bias
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, plain)
-        save_model(model, path, hf_config, dtype=dtype)
+        save_model(model, path, hf_config, dtype=dtype, tokenizer_from=base_model_path)
     finally:
         for name, m in mods.items():
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, m)
-    for f in TOKENIZER_FILES:
-        if (base_model_path / f).exists():
-            shutil.copy(base_model_path / f, Path(path) / f)

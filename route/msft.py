@@ -27,6 +27,7 @@ from . import prompts
 from .database import open_database
 from .datasets import VALIDATION_DBS, load_dataset
 from .evaluate import results_match
+from .files import atomic_file
 from .sql import clause_prefixes, order_matters, parse, used_schema
 
 TASKS = ("ts", "sl", "nc", "cw")
@@ -72,29 +73,38 @@ _FLIP = {exp.GT: exp.LT, exp.LT: exp.GT, exp.GTE: exp.LTE, exp.LTE: exp.GTE, exp
 _AGGS = (exp.Max, exp.Min, exp.Avg, exp.Sum)
 
 
+def _swap_name(t: exp.Expression, sel: exp.Select, kind: str, db, rng: random.Random) -> bool:
+    """Edit "column" (a selected column becomes another of the query's tables) or "table" (a joined table
+    becomes another of the database's) in place; False when it does not apply."""
+    if kind == "column":
+        cols = [c for c in sel.expressions if isinstance(c, exp.Column)]
+        tables = [tb for tb in (db.table(x.name) for x in t.find_all(exp.Table)) if tb is not None]
+        others = [c.name for tb in tables for c in tb.columns]
+        if not cols or not others:
+            return False
+        col = rng.choice(cols)
+        choices = [o for o in others if o.lower() != col.name.lower()]
+        if not choices:
+            return False
+        col.set("this", exp.to_identifier(rng.choice(choices)))
+        return True
+    used = list(t.find_all(exp.Table))
+    others = [tb.name for tb in db.tables if tb.name.lower() not in {u.name.lower() for u in used}]
+    if len(used) < 2 or not others:
+        return False
+    rng.choice(used).set("this", exp.to_identifier(rng.choice(others)))
+    return True
+
+
 def _edit(tree: exp.Expression, kind: str, db, rng: random.Random) -> exp.Expression | None:
     """One deterministic edit of a copy of the gold tree; None when `kind` does not apply to it."""
     t = tree.copy()
     sel = t if isinstance(t, exp.Select) else t.find(exp.Select)
     if sel is None:
         return None
-    if kind == "column":
-        cols = [c for c in sel.expressions if isinstance(c, exp.Column)]
-        tables = [tb for tb in (db.table(x.name) for x in t.find_all(exp.Table)) if tb is not None]
-        others = [c.name for tb in tables for c in tb.columns]
-        if not cols or not others:
+    if kind in ("column", "table"):
+        if not _swap_name(t, sel, kind, db, rng):
             return None
-        col = rng.choice(cols)
-        choices = [o for o in others if o.lower() != col.name.lower()]
-        if not choices:
-            return None
-        col.set("this", exp.to_identifier(rng.choice(choices)))
-    elif kind == "table":
-        used = list(t.find_all(exp.Table))
-        others = [tb.name for tb in db.tables if tb.name.lower() not in {u.name.lower() for u in used}]
-        if len(used) < 2 or not others:
-            return None
-        rng.choice(used).set("this", exp.to_identifier(rng.choice(others)))
     elif kind == "drop_condition":
         where = sel.args.get("where")
         if where is None:
@@ -125,7 +135,10 @@ def _edit(tree: exp.Expression, kind: str, db, rng: random.Random) -> exp.Expres
         limit = t.args.get("limit")
         if limit is None:
             return None
-        t.set("limit", None) if rng.random() < 0.5 else limit.set("expression", exp.Literal.number(rng.choice([2, 3, 5])))
+        if rng.random() < 0.5:
+            t.set("limit", None)
+        else:
+            limit.set("expression", exp.Literal.number(rng.choice([2, 3, 5])))
     elif kind == "distinct":
         if not sel.args.get("distinct"):
             return None
@@ -229,12 +242,10 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
 
 
 def write_jsonl(records, path: Path):
+    """One JSON record a line, written atomically: a half-written file is never taken for data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # atomic: a half-written file is never taken for data
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[str]:

@@ -7,27 +7,24 @@ counts as resident too, which doubled peak memory (measured 2.08x the weights; 1
 Saving writes the same format back (used to export merged fine-tuned weights), atomically.
 """
 import json
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .files import atomic_dir, read_json_file
 from .model import ModelConfig, Transformer, rope_frequencies
 
+# The one table of dtype names (command lines, configs, adapter files) for the whole package.
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
 
-def read_json_file(file: Path):
-    """A JSON file's content; one that is not UTF-8 JSON is a ValueError that names it."""
-    try:
-        return json.loads(Path(file).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not a valid JSON file ({e})") from None
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or one of DTYPES' names."""
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
@@ -85,7 +82,7 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device="cpu") -> Transformer:
     path = Path(path)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = as_dtype(dtype)
     cfg, _ = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -124,12 +121,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     return model.eval()
 
 
-def save_model(model: Transformer, path: str | Path, hf_config: dict, dtype=None, shard_bytes: int = 4 << 30):
-    """Write config.json + safetensors (sharded above `shard_bytes`) into `path`, replacing it atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+# What a model directory holds besides config.json and the weights: copied along when a model is saved
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def save_model(model: Transformer, path: str | Path, hf_config: dict, dtype=None, shard_bytes: int = 4 << 30,
+               tokenizer_from: str | Path | None = None):
+    """Write config.json + safetensors (sharded above `shard_bytes`) into `path`, replacing it atomically,
+    with the TOKENIZER_FILES of the model directory `tokenizer_from`, if given."""
+    with atomic_dir(path) as tmp:
         state = {n: (p.detach().to(dtype) if dtype else p.detach()).contiguous().cpu()
                  for n, p in model.state_dict().items()}
         if model.config.tie_word_embeddings:
@@ -153,23 +154,15 @@ def save_model(model: Transformer, path: str | Path, hf_config: dict, dtype=None
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        cfg = dict(hf_config)
+        config = dict(hf_config)
         # the dtype the files hold, not the source config's: transformers and vLLM load a model in the dtype its
         # config names, so an fp32 save that kept "bfloat16" would be loaded as bf16 without a word
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
         if floats:
-            cfg["torch_dtype"] = str(max(set(floats), key=floats.count)).removeprefix("torch.")
-            if "dtype" in cfg:  # transformers >= 4.56 writes this name
-                cfg["dtype"] = cfg["torch_dtype"]
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            config["torch_dtype"] = str(max(set(floats), key=floats.count)).removeprefix("torch.")
+            if "dtype" in config:  # transformers >= 4.56 writes this name
+                config["dtype"] = config["torch_dtype"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in TOKENIZER_FILES if tokenizer_from else ():
+            if (Path(tokenizer_from) / f).exists():
+                shutil.copyfile(Path(tokenizer_from) / f, tmp / f)

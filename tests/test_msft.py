@@ -189,7 +189,7 @@ def test_training_prompt_ids_are_what_inference_feeds(examples, tmp_path, which)
     with and without prefix reuse. (Encoding the prompt as one string gives other ids at the cuts.)"""
     from route.generate import _split
     from route.mcp import run_chain
-    from route.trainer import IGNORE, tokenize_examples
+    from route.batching import IGNORE, tokenize_examples
 
     tok = _tokenizer(which, tmp_path)
     ex = examples[2]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from route.packing import IGNORE, block_mask, pack_shared_prefix
-from route.trainer import answer_loss, collate
+from route.batching import collate
+from route.trainer import answer_loss
 from route.weights import load_model
 from tiny import write_tiny
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from route import trainer
 from route.lora import load_adapter, lora_modules
 from route.tokenizer import Tokenizer
-from route.trainer import (IGNORE, TrainConfig, answer_loss, collate, lr_at, plan_epoch, plan_steps, prepare_model,
-                           tokenize_example, tokenize_examples, train)
+from route.batching import IGNORE, collate, plan_epoch, plan_steps, tokenize_example, tokenize_examples
+from route.trainer import TrainConfig, answer_loss, lr_at, prepare_model, train
 from route.weights import load_model
 from tiny import write_tiny_dir
 from train_worker import make_examples, run
@@ -59,14 +59,14 @@ def test_batches_are_length_grouped_under_the_budget():
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     assert sum(lengths) / padded > 0.9  # little padding
     assert plan_epoch(lengths, 1024, 0, 0) == batches and plan_epoch(lengths, 1024, 0, 1) != batches
-    cfg = TrainConfig(epochs=2, batch_tokens=1024)
-    steps, ends = plan_steps(lengths, cfg, group=3)
+    tc = TrainConfig(epochs=2, batch_tokens=1024)
+    steps, ends = plan_steps(lengths, tc, group=3)
     assert all(len(s) == 3 for s in steps) and ends[-1] == 2.0 and 0 < ends[0] < 1
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=1.0, warmup=10, min_lr_ratio=0.1)
-    lrs = [lr_at(s, 110, cfg) for s in range(110)]
+    tc = TrainConfig(lr=1.0, warmup=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 110, tc) for s in range(110)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[10] == 1.0  # the first step already moves
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and abs(lrs[-1] - 0.1) < 1e-3
 
@@ -91,10 +91,10 @@ def test_answer_only_loss_equals_the_full_reference(tiny):
 def test_a_few_steps_lower_the_loss(tiny, tmp_path, full):
     examples = make_examples(Tokenizer.from_dir(tiny), 8)
     eval_examples = make_examples(Tokenizer.from_dir(tiny), 4, seed=1)
-    cfg = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), full=full, lr=1e-2 if not full else 1e-3,
-                      max_steps=12, batch_tokens=2000, warmup=2, dtype="fp32", progress=False, eval_every=6)
+    tc = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), full=full, lr=1e-2 if not full else 1e-3,
+                     max_steps=12, batch_tokens=2000, warmup=2, dtype="fp32", progress=False, eval_every=6)
     torch.manual_seed(0)
-    history = train(prepare_model(cfg), examples, cfg, eval_examples)
+    history = train(prepare_model(tc), examples, tc, eval_examples)
     assert len(history) == 12 and history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert history[5]["eval_loss"] > history[-1]["eval_loss"]
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -116,11 +116,11 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path, full):
 
 
 def test_bf16_training_keeps_fp32_adapters(tiny, tmp_path):
-    cfg = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), lr=1e-2, max_steps=3, batch_tokens=2000,
-                      dtype="bf16", progress=False, checkpointing=True)
-    model = prepare_model(cfg)
+    tc = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), lr=1e-2, max_steps=3, batch_tokens=2000,
+                     dtype="bf16", progress=False, checkpointing=True)
+    model = prepare_model(tc)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    history = train(model, make_examples(Tokenizer.from_dir(tiny), 8), cfg)
+    history = train(model, make_examples(Tokenizer.from_dir(tiny), 8), tc)
     assert all(m.lora_A.dtype == torch.float32 for m in lora_modules(model).values())
     assert history[-1]["loss"] < history[0]["loss"] and all(math.isfinite(h["grad_norm"]) for h in history)
 
@@ -132,10 +132,10 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     real_lr_at = trainer.lr_at
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in a background job
 
-    def ctrl_c_during_step_3(step, total, cfg):
+    def ctrl_c_during_step_3(step, total, tc):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        return real_lr_at(step, total, cfg)
+        return real_lr_at(step, total, tc)
 
     monkeypatch.setattr(trainer, "lr_at", ctrl_c_during_step_3)
     with pytest.raises(KeyboardInterrupt):
@@ -207,10 +207,10 @@ def test_periodic_checkpoints_resume_where_they_were_saved(tiny, tmp_path, monke
 def test_non_finite_gradient_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
     real_accumulate = trainer.accumulate
 
-    def nan_at_step_3(model, core, examples, mine, count, cfg, step, *rest):
-        loss = real_accumulate(model, core, examples, mine, count, cfg, step, *rest)
+    def nan_at_step_3(model, examples, micro, count, tc, step, *rest):
+        loss = real_accumulate(model, examples, micro, count, tc, step, *rest)
         if step == 2:
-            next(p for p in core.parameters() if p.requires_grad).grad.view(-1)[0] = float("nan")
+            next(p for p in model.parameters() if p.requires_grad).grad.view(-1)[0] = float("nan")
         return loss
 
     monkeypatch.setattr(trainer, "accumulate", nan_at_step_3)

@@ -11,7 +11,9 @@ import sys
 import torch
 
 from route.tokenizer import Tokenizer
-from route.trainer import TrainConfig, init_distributed, prepare_model, tokenize_example, train
+from route.batching import tokenize_example
+from route.checkpoint import init_distributed
+from route.trainer import TrainConfig, prepare_model, train
 
 WORDS = "singer concert stadium name age country year capacity song title average count".split()
 SQL = ["SELECT count(*) FROM singer;", "SELECT name FROM singer WHERE age > 20 ORDER BY name DESC LIMIT 3;",
@@ -32,13 +34,13 @@ def make_examples(tok, n: int = 32, seed: int = 0) -> list[dict]:
 
 def run(model_dir, out_dir, mode: str = "lora", **overrides) -> list[dict]:
     torch.manual_seed(0)  # the same fresh adapters in every process (DDP also broadcasts rank 0's)
-    cfg = TrainConfig(out_dir=str(out_dir), base_model=str(model_dir), full=mode == "full", max_steps=4,
-                      lr=1e-3 if mode == "full" else 3e-3, batch_tokens=400, warmup=1, dtype="fp32",
-                      progress=False, save_every=0, lora_dropout=0.1)  # dropout: its seeding is tested too
+    tc = TrainConfig(out_dir=str(out_dir), base_model=str(model_dir), full=mode == "full", max_steps=4,
+                     lr=1e-3 if mode == "full" else 3e-3, batch_tokens=400, warmup=1, dtype="fp32",
+                     progress=False, save_every=0, lora_dropout=0.1)  # dropout: its seeding is tested too
     for k, v in overrides.items():
-        setattr(cfg, k, type(getattr(cfg, k))(v) if getattr(cfg, k) is not None else v)
-    model = prepare_model(cfg)
-    return train(model, make_examples(Tokenizer.from_dir(model_dir)), cfg)
+        setattr(tc, k, type(getattr(tc, k))(v) if getattr(tc, k) is not None else v)
+    model = prepare_model(tc)
+    return train(model, make_examples(Tokenizer.from_dir(model_dir)), tc)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""What lets a fine-tuning run (ROUTE section 3.1, MSFT) span processes and survive interruptions.
+
+- Processes: under torchrun, DDP (each process holds the model, gradients are averaged; gloo on CPU, NCCL on
+  GPU) or FSDP2 for full fine-tuning of models whose weights and optimizer state do not fit one device.
+- Checkpoints: trainable weights (fp32) + optimizer state + step, written atomically, and `resume` to continue
+  exactly; the run's metadata must match the checkpoint's, or resuming would silently train something else.
+- Metrics: one JSON line per step in out_dir/metrics.jsonl.
+- Stopping: Ctrl-C or SIGTERM finish the current step, then the loop saves a checkpoint and stops.
+- The result: out_dir/adapter (PEFT format) for LoRA, out_dir/model (HF format) for full fine-tuning.
+"""
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .files import atomic_file
+from .lora import lora_modules, save_adapter
+from .model import Transformer
+from .weights import read_config, save_model
+
+CHECKPOINT, METRICS = "checkpoint.pt", "metrics.jsonl"
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; starts the process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size(), local) if dist.is_initialized() else (0, 1, 0)
+
+
+def sharded(tc, world: int) -> bool:
+    """FSDP (explicitly, or by default for full fine-tuning) with more than one process."""
+    return world > 1 and (tc.fsdp if tc.fsdp is not None else tc.full)
+
+
+def distribute(raw_model: Transformer, tc, world: int, device, dtype):
+    """Wrap for several processes: DDP (each process holds the model; gradients are averaged), or FSDP2 for
+    full fine-tuning (each block's weights, gradients and optimizer state sharded over the processes, gathered
+    block by block for compute; bf16 compute and fp32 gradient reduction via its mixed-precision policy)."""
+    if world == 1:
+        return raw_model
+    if sharded(tc, world):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in raw_model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(raw_model, mp_policy=mp)  # must happen before the optimizer: it swaps in sharded parameters
+        return raw_model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sum_over_ranks(*values: float, device) -> list[float]:
+    """Each value summed over the processes, in one collective (a single process gets its own values back)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _state_dicts(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(path: Path, model, raw_model, optimizer, step: int, meta: dict, rank: int):
+    """Trainable weights (fp32) + optimizer state + step, written atomically, so a crash mid-write leaves the
+    previous checkpoint intact. Collective under FSDP: every rank calls it."""
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    if rank == 0:
+        trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
+        state = {"step": step, "meta": meta, "optimizer": optim_sd,
+                 "model": {k: v for k, v in model_sd.items() if k in trainable}}
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, model, optimizer, meta: dict) -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    diff = {k: (state["meta"].get(k), v) for k, v in meta.items() if state["meta"].get(k) != v}
+    if diff:
+        raise ValueError(f"{path}: cannot resume, the run differs from the checkpoint's "
+                         + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items()))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    return state["step"]
+
+
+def start_step(out: Path, model, optimizer, meta: dict, resume: bool, rank: int, log=print) -> int:
+    """The step to start at: the checkpoint's when resuming (metrics logged after it are forgotten, since
+    those steps run again), else 0 with a fresh metrics file."""
+    metrics = out / METRICS
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / CHECKPOINT).exists():
+        step = load_checkpoint(out / CHECKPOINT, model, optimizer, meta)
+        if rank == 0 and metrics.exists():
+            rows = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            with atomic_file(metrics) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in rows))
+        log(f"resumed from {out / CHECKPOINT} at step {step}/{meta['steps']}")
+        return step
+    if rank == 0 and metrics.exists():
+        metrics.unlink()
+    return 0
+
+
+def append_metrics(out: Path, row: dict, rank: int):
+    if rank == 0:
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class StopSignal:
+    """`with StopSignal() as stop:` Ctrl-C / SIGTERM set stop.hit, which the loop checks between steps
+    (checkpoint, then stop); a second Ctrl-C interrupts at once. The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.hit, self.saved = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.saved[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.hit = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", flush=True)
+
+    def __exit__(self, *_):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+
+
+def save_result(model, raw_model: Transformer, optimizer, tc, rank: int, dtype: torch.dtype):
+    """The deliverable: out_dir/adapter (PEFT format, bf16) for LoRA, out_dir/model (HF format) for full."""
+    out = Path(tc.out_dir)
+    if lora_modules(raw_model):
+        if rank == 0:
+            save_adapter(raw_model, out / "adapter", tc.base_model, dtype=tc.adapter_dtype)
+        return
+    if not tc.base_model:
+        raise ValueError("full fine-tuning needs TrainConfig.base_model to write the model's config.json")
+    _, hf_config = read_config(tc.base_model)
+    model_sd, _ = _state_dicts(model, optimizer)  # gathers FSDP shards (a collective)
+    if rank == 0:
+        with torch.device("meta"):
+            plain = Transformer(raw_model.config)
+        plain.load_state_dict(model_sd, strict=False, assign=True)
+        if raw_model.config.tie_word_embeddings:
+            plain.lm_head.weight = plain.model.embed_tokens.weight
+        save_model(plain, out / "model", hf_config, dtype=dtype if dtype != torch.float32 else None,
+                   tokenizer_from=tc.base_model)
+    if dist.is_initialized():
+        dist.barrier()

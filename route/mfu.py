@@ -1,0 +1,120 @@
+"""The hardware under the training loop: which device, which compute dtype, and the model FLOPs utilization.
+
+MFU = (model FLOPs per token x tokens per second) / the device's peak FLOP/s. The model FLOPs follow the
+usual convention (6N per token for full fine-tuning, 4N for LoRA, N the transformer blocks' weights); the peak
+comes from a datasheet table on GPUs and from a measured large matmul on CPUs, which have no datasheet peak.
+"""
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .weights import DTYPES
+
+# Dense bf16 / fp32 peak FLOP/s (no sparsity) of common accelerators, by a substring of the device name.
+PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
+              "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10": (125e12, 31.2e12),
+              "4090": (165e12, 82.6e12), "3090": (71e12, 35.6e12)}
+_measured: dict = {}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has fast bf16 matmuls, fp32 otherwise.
+
+    CUDA: bf16 from Ampere on (older GPUs would emulate it). CPU: bf16 with AMX or AVX512-BF16, fp32 elsewhere
+    (bf16 would be emulated, and slower). fp16 is not offered: it needs loss scaling, which this loop omits.
+    """
+    if name != "auto":
+        if DTYPES.get(name) == torch.float16:
+            raise ValueError("fp16 training needs loss scaling, which this trainer does not do: use bf16 or fp32")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+    return torch.bfloat16 if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else torch.float32
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(FLOP/s, where the number comes from). GPUs: the datasheet table. CPUs: a measured large GEMM in the
+    training dtype (datasheets rarely state CPU peaks; this is the achievable matmul rate on this machine)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bf16, fp32) in PEAK_FLOPS.items():
+            if key in name:
+                return (bf16 if dtype == torch.bfloat16 else fp32), f"{name} datasheet"
+        return float("nan"), f"{name}: unknown peak (set peak_tflops)"
+    if dtype not in _measured:
+        n = 1024
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        _measured[dtype] = 2 * n ** 3 / best
+    return _measured[dtype], f"measured {str(dtype).removeprefix('torch.')} GEMM on this CPU"
+
+
+def flops_per_token(raw_model, full: bool) -> float:
+    """Model FLOPs per trained token: 6N for full fine-tuning (forward 2N, backward 2N for input gradients and
+    2N for weight gradients), 4N for LoRA (no weight gradients for the frozen base; the adapters are ~1%).
+    N counts the transformer blocks' weights only: embeddings, the output head (run on answer tokens only),
+    attention scores and activation recomputation are left out, so MFU errs low."""
+    n = sum(p.numel() for name, p in raw_model.model.layers.named_parameters() if "lora_" not in name)
+    return (6 if full else 4) * n
+
+
+class Progress:
+    """The progress bar (closed when its `with` ends) and each step's throughput: tokens/s, padding, and MFU
+    against the device's peak."""
+
+    def __init__(self, raw_model, tc, plan, start: int, rank: int, device, dtype):
+        self.fpt, self.lengths, self.t_start, self.bar = flops_per_token(raw_model, tc.full), plan.lengths, None, None
+        self.peak, self.source = (tc.peak_tflops * 1e12, "given") if tc.peak_tflops else peak_flops(device, dtype)
+        self.bar_args = dict(total=len(plan.steps), initial=start, desc="train", unit="step",
+                             disable=not (tc.progress and rank == 0))
+
+    def measure(self, micro: list[list[int]], count: int, t0: float) -> dict:
+        """Throughput of a step that started at time.perf_counter() = t0 (elapsed_s: since the first one)."""
+        self.t_start = t0 if self.t_start is None else self.t_start
+        seconds = time.perf_counter() - t0
+        n_tok = sum(self.lengths[i] for b in micro for i in b)
+        padded = sum(len(b) * max(self.lengths[i] for i in b) for b in micro)
+        return {"tokens": n_tok, "answer_tokens": count, "padding": round(1 - n_tok / padded, 4),
+                "tokens_per_s": n_tok / seconds,
+                "mfu": self.fpt * n_tok / seconds / self.peak if math.isfinite(self.peak) else None,
+                "elapsed_s": time.perf_counter() - self.t_start}
+
+    def show(self, row: dict):
+        if self.bar is None:  # opened at the first step, after the untrained model's held-out loss
+            self.bar = tqdm(**self.bar_args)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {row['loss']:.4f}, {row['tokens_per_s']:.0f} tok/s"
+                                 + (f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        if self.bar is not None:
+            self.bar.close()

@@ -90,7 +90,7 @@ def run_reference(path, examples, steps, args, dtype, device):
     return times, losses
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="/tmp/q05")
     ap.add_argument("--layers", type=int, help="make (or use) a model of this depth at MODEL-L{layers}")
@@ -108,7 +108,11 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model + (f"-L{args.layers}" if args.layers else ""))

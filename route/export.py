@@ -24,8 +24,6 @@ from . import hub
 from .lora import export_merged, load_adapter, read_adapter_config
 from .weights import DTYPES, load_model, read_config
 
-NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
 
 def base_for(adapter_cfg: dict, model: str | None = None) -> Path:
     """The base model directory to merge into (see the module docstring for the order)."""
@@ -85,7 +83,7 @@ def export(adapter: str | Path, out: str | Path, model: str | None = None, dtype
     export_merged(net, out, base, dtype=dt)
     command = " ".join(["python -m route.export", f"--adapter {adapter}", f"--out {out}"] +
                        ([f"--model {model}"] if model else []) + ([f"--dtype {dtype}"] if dtype else []))
-    write_card(out, base, adapter, cfg, NAMES.get(dt, str(dt)), command)
+    write_card(out, base, adapter, cfg, str(dt).removeprefix("torch."), command)
     return out
 
 

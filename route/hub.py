@@ -45,7 +45,8 @@ except ImportError:  # not POSIX: stale temporary directories are then swept onl
 
 from tqdm import tqdm
 
-from .convert import convert, sha256_file
+from .convert import convert
+from .files import sha256_file
 
 
 @dataclass(frozen=True)

@@ -105,9 +105,14 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     for p in model.parameters():
         p.requires_grad_(False)
     for name, m in chosen:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, LoRALinear(m, r, alpha, dropout))
+        _swap(model, name, LoRALinear(m, r, alpha, dropout))
     return model
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module):
+    """Put `module` where the submodule `name` is."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
 
 
 @torch.no_grad()
@@ -248,10 +253,8 @@ def export_merged(model: nn.Module, path: str | Path, base_model_path: str | Pat
             merged = w if m.merged else w + m.delta().cpu()
             plain.weight = nn.Parameter(merged.to(dtype or m.weight.dtype), requires_grad=False)
             plain.bias = m.bias
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, plain)
+            _swap(model, name, plain)
         save_model(model, path, hf_config, dtype=dtype, tokenizer_from=base_model_path)
     finally:
         for name, m in mods.items():
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, m)
+            _swap(model, name, m)

@@ -2,24 +2,20 @@
 
 ROUTE tunes one model on a mix of tasks (text-to-SQL, schema linking, noise correction, continuation
 writing). To this loop they are all the same thing: a prompt followed by an answer, as token ids, with the loss
-on the answer only. The caller builds the mixed list of examples ({"input_ids": [...], "labels": [...]},
-batching.tokenize_examples makes them) and the loop does the rest, one optimizer step at a time:
+on the answer only (batching.tokenize_examples makes such examples). Each optimizer step:
 
-1. Plan (batching.py). Length-grouped, right-padded micro-batches under a token budget, a pure function of
-   the seed; a step takes world_size * grad_accum of them, and rank r computes its own grad_accum.
-2. Accumulate. The loss of one example, in one place (below): labels are IGNORE on the prompt
-   (batching.py); answer_loss shifts them (position t predicts token t+1) and sums the cross-entropy over
-   answer tokens; accumulate divides by the step's global answer-token count. Any split of a step into
-   micro-batches, accumulation rounds or processes then yields the same gradient as one big batch (what the
-   two-process test checks). The output head runs on answer positions only: prompts are long (schema + rows)
-   and answers short, and a 150k-vocabulary head over every position would cost over a quarter of
-   Qwen2.5-0.5B's FLOPs and its largest activation (fp32 logits: 600 KB per token).
-3. Clip and step. Mixed precision (bf16 where the hardware does it fast, fp32 master weights), gradient
-   clipping, AdamW, warmup then cosine decay. Dropout randomness is seeded per (step, micro-batch), so
-   results depend neither on the process count nor on interruptions.
-4. Log and save (checkpoint.py, mfu.py). A tqdm bar (loss, tokens/s, MFU), metrics as JSON lines, periodic
-   held-out loss, atomic checkpoints, `resume` to continue exactly, and Ctrl-C (or SIGTERM) finishing the
-   current step, saving a checkpoint and raising KeyboardInterrupt. Several processes run under torchrun.
+1. Plan (batching.py): a step is world_size * grad_accum length-grouped micro-batches; rank r runs its share.
+2. Accumulate. One example's loss, in one place (below): labels are IGNORE on the prompt; answer_loss shifts
+   them (position t predicts token t+1) and sums the cross-entropy over answer tokens; accumulate divides by
+   the step's global answer-token count, so any split of a step into micro-batches, accumulation rounds or
+   processes yields the gradient of one big batch (what the two-process test checks). The output head runs
+   on answer positions only: prompts are long (schema + rows) and answers short, and a 150k-vocabulary head
+   over every position would cost over a quarter of Qwen2.5-0.5B's FLOPs and its largest activation.
+3. Clip and step: bf16 compute where the hardware does it fast, fp32 master weights, gradient clipping,
+   AdamW, warmup then cosine decay. Dropout is seeded per (step, micro-batch): results depend neither on the
+   process count nor on interruptions.
+4. Log and save (mfu.py, checkpoint.py): progress bar, metrics, periodic held-out loss, atomic checkpoints,
+   exact resume, and Ctrl-C / SIGTERM finishing the step, saving, then raising KeyboardInterrupt.
 """
 import math
 import time

@@ -3,7 +3,7 @@
 Loading builds the model on the meta device (no memory), then reads one tensor at a time straight into its
 final dtype and device, so the weights never exist twice: peak memory is the model plus one tensor. Tensors
 are read with plain file reads rather than safetensors' memory map: every mapped page the loader touches
-counts as resident too, which doubled peak memory (measured 2.08x the weights; 1.0x this way).
+counts as resident too, which doubled peak memory (README, "Loading", has the figures and the command).
 Saving writes the same format back (used to export merged fine-tuned weights), atomically.
 """
 import json

@@ -149,7 +149,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | Path
     bf16 by default: the adapter is applied to bf16 weights anyway (vLLM casts it to the model's dtype), and it
     halves the file: rank 16 on all seven projections of Qwen2.5-0.5B is 8.8M parameters, 17.6 MB in bf16
     (35 MB in fp32). Targeting every projection matters more for quality than rank (QLoRA, section 4), so we
-    keep all seven targets and store bf16. Training checkpoints keep fp32 (see trainer.py).
+    keep all seven targets and store bf16. Training checkpoints keep fp32 (see checkpoint.py).
     """
     mods = lora_modules(model)
     if not mods:

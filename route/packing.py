@@ -23,7 +23,7 @@ IGNORE = -100
 
 
 def pack_shared_prefix(examples: list[dict], max_len: int, seed: int = 0) -> list[dict]:
-    """Examples with "prefix_len" (from trainer.tokenize_examples) -> packed rows of at most max_len tokens
+    """Examples with "prefix_len" (from batching.tokenize_examples) -> packed rows of at most max_len tokens
     (a group's records in seeded random order). An example alone with its prefix is returned as it was."""
     groups = defaultdict(list)
     for i, ex in enumerate(examples):

@@ -85,18 +85,24 @@ def flops_per_token(raw_model, full: bool) -> float:
 
 
 class Progress:
-    """The progress bar (closed when its `with` ends) and each step's throughput: tokens/s, padding, and MFU
-    against the device's peak."""
+    """`with progress:` a progress bar over the steps, timed from there; progress.measure gives each step's
+    throughput: tokens/s, padding, and MFU against the device's peak."""
 
     def __init__(self, raw_model, tc, plan, start: int, rank: int, device, dtype):
-        self.fpt, self.lengths, self.t_start, self.bar = flops_per_token(raw_model, tc.full), plan.lengths, None, None
+        self.fpt, self.lengths = flops_per_token(raw_model, tc.full), plan.lengths
         self.peak, self.source = (tc.peak_tflops * 1e12, "given") if tc.peak_tflops else peak_flops(device, dtype)
         self.bar_args = dict(total=len(plan.steps), initial=start, desc="train", unit="step",
                              disable=not (tc.progress and rank == 0))
 
+    def __enter__(self):
+        self.bar, self.t_start = tqdm(**self.bar_args), time.perf_counter()
+        return self
+
+    def __exit__(self, *_):
+        self.bar.close()
+
     def measure(self, micro: list[list[int]], count: int, t0: float) -> dict:
-        """Throughput of a step that started at time.perf_counter() = t0 (elapsed_s: since the first one)."""
-        self.t_start = t0 if self.t_start is None else self.t_start
+        """Throughput of a step that started at time.perf_counter() = t0."""
         seconds = time.perf_counter() - t0
         n_tok = sum(self.lengths[i] for b in micro for i in b)
         padded = sum(len(b) * max(self.lengths[i] for i in b) for b in micro)
@@ -106,15 +112,6 @@ class Progress:
                 "elapsed_s": time.perf_counter() - self.t_start}
 
     def show(self, row: dict):
-        if self.bar is None:  # opened at the first step, after the untrained model's held-out loss
-            self.bar = tqdm(**self.bar_args)
         self.bar.update(1)
         self.bar.set_postfix_str(f"loss {row['loss']:.4f}, {row['tokens_per_s']:.0f} tok/s"
                                  + (f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        if self.bar is not None:
-            self.bar.close()

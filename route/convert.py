@@ -139,7 +139,7 @@ def model_config(meta: dict, tensors: dict, source) -> dict:
         raise ConversionError(f"{source}: partial rotary embeddings are not supported")
     theta = _f32(get("rope.freq_base", 10000.0))
     vocab = int(tensors["token_embd.weight"].shape[-1])  # the matrix is the truth, not the token list
-    cfg = {
+    config = {
         "architectures": [ARCHITECTURES[arch]], "model_type": arch,
         "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")), "num_attention_heads": n_heads,
@@ -152,11 +152,11 @@ def model_config(meta: dict, tensors: dict, source) -> dict:
     }
     if arch == "qwen2":
         if head_dim != hidden // n_heads:
-            cfg["head_dim"] = head_dim
-        cfg.update(use_sliding_window=False, sliding_window=cfg["max_position_embeddings"],
-                   max_window_layers=cfg["num_hidden_layers"])
+            config["head_dim"] = head_dim
+        config.update(use_sliding_window=False, sliding_window=config["max_position_embeddings"],
+                   max_window_layers=config["num_hidden_layers"])
     else:
-        cfg.update(head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias=False,
+        config.update(head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias=False,
                    pretraining_tp=1)
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind not in ("none", "llama3"):
@@ -164,9 +164,9 @@ def model_config(meta: dict, tensors: dict, source) -> dict:
     if "rope_freqs.weight" in tensors:
         t = tensors["rope_freqs.weight"]
         original = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
-        cfg["rope_scaling"] = llama3_rope_scaling(dequantize(t.data, t.tensor_type), theta, head_dim, original,
+        config["rope_scaling"] = llama3_rope_scaling(dequantize(t.data, t.tensor_type), theta, head_dim, original,
                                                   source)
-    return cfg
+    return config
 
 
 def special_token_ids(meta: dict) -> tuple[list[int], list[int]]:
@@ -251,10 +251,10 @@ def tokenizer_files(meta: dict, max_length: int) -> tuple[dict, dict]:
     return tok_cfg, gen_cfg
 
 
-def convert_tensors(reader: GGUFReader, cfg: dict, dtype: torch.dtype, source, progress: bool):
+def convert_tensors(reader: GGUFReader, config: dict, dtype: torch.dtype, source, progress: bool):
     """HF state dict plus notes on what was done: quantization types seen, the tied-embedding decision."""
     tensors = {t.name: t for t in reader.tensors}
-    unpermute_heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
+    unpermute_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state, types = {}, {}
     # progress: True for a bar of its own, or a function given each tensor's bytes (route.hub's single bar)
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress or callable(progress),
@@ -269,7 +269,7 @@ def convert_tensors(reader: GGUFReader, cfg: dict, dtype: torch.dtype, source, p
         except NotImplementedError as e:
             raise ConversionError(f"{source}: tensor {t.name!r}: {e}") from None
         kind = t.name.split(".")[-2]
-        if cfg["model_type"] == "llama" and kind in unpermute_heads:
+        if config["model_type"] == "llama" and kind in unpermute_heads:
             w = unpermute(w, unpermute_heads[kind])
         # fp32 stays exact; the tied embedding is decided on fp32 values below, so keep both copies fp32 till then
         keep32 = t.name in ("token_embd.weight", "output.weight")
@@ -290,11 +290,11 @@ def convert_tensors(reader: GGUFReader, cfg: dict, dtype: torch.dtype, source, p
             notes["tied_embeddings"] = (
                 f"the file stores the tied embedding twice, {better} as {types[better]} and {other} as "
                 f"{types[other]} (relative difference {diff:.4f}); the model is kept tied, from {better}")
-            cfg["tie_word_embeddings"] = True
+            config["tie_word_embeddings"] = True
         else:
-            cfg["tie_word_embeddings"] = False
+            config["tie_word_embeddings"] = False
     else:
-        cfg["tie_word_embeddings"] = True
+        config["tie_word_embeddings"] = True
     return {k: v.to(dtype).contiguous() for k, v in state.items()}, notes
 
 
@@ -340,14 +340,14 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
         raise ConversionError(f"{src}: architecture {arch!r} is not supported (this converter knows "
                               f"{', '.join(ARCHITECTURES)})")
     tokenizer = build_tokenizer(meta, src)  # before the slow part: an unsupported tokenizer fails fast
-    cfg = model_config(meta, {t.name: t for t in reader.tensors}, src)
-    state, notes = convert_tensors(reader, cfg, dtype, src, progress)
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    tok_cfg, gen_cfg = tokenizer_files(meta, cfg["max_position_embeddings"])
+    config = model_config(meta, {t.name: t for t in reader.tensors}, src)
+    state, notes = convert_tensors(reader, config, dtype, src, progress)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    tok_cfg, gen_cfg = tokenizer_files(meta, config["max_position_embeddings"])
 
     prov = {"source_file": src.name, "source_sha256": sha256 or sha256_file(src), "source_bytes": src.stat().st_size,
             "gguf": {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, (str, int, float))},
-            "dtype": cfg["torch_dtype"], **notes, "converter": "route.convert",
+            "dtype": config["torch_dtype"], **notes, "converter": "route.convert",
             "dequantized_by": "gguf " + _gguf_version()}
     prov["gguf"]["quantization"] = file_type(meta.get("general.file_type"))
     if about:
@@ -356,7 +356,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
     with atomic_dir(out, replace=False) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
-        for name, content in [("config.json", cfg), ("generation_config.json", gen_cfg),
+        for name, content in [("config.json", config), ("generation_config.json", gen_cfg),
                               ("tokenizer_config.json", tok_cfg), ("provenance.json", prov)]:
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         (tmp / "README.md").write_text(card(prov))

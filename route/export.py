@@ -74,8 +74,8 @@ python infer.py --model {out.name} --fewshot no --mcp --db my.sqlite   # tuned: 
 def export(adapter: str | Path, out: str | Path, model: str | None = None, dtype: str | None = None) -> Path:
     """Merge the adapter into its base and write the result to `out`; returns `out`."""
     adapter, out = Path(adapter), Path(out)
-    cfg = read_adapter_config(adapter)
-    base = base_for(cfg, model)
+    adapter_cfg = read_adapter_config(adapter)
+    base = base_for(adapter_cfg, model)
     _, hf = read_config(base)
     dt = DTYPES[dtype or hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"]
     net = load_model(base, torch.float32)
@@ -83,7 +83,7 @@ def export(adapter: str | Path, out: str | Path, model: str | None = None, dtype
     export_merged(net, out, base, dtype=dt)
     command = " ".join(["python -m route.export", f"--adapter {adapter}", f"--out {out}"] +
                        ([f"--model {model}"] if model else []) + ([f"--dtype {dtype}"] if dtype else []))
-    write_card(out, base, adapter, cfg, str(dt).removeprefix("torch."), command)
+    write_card(out, base, adapter, adapter_cfg, str(dt).removeprefix("torch."), command)
     return out
 
 

@@ -159,7 +159,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | Path
     if any(m.r != first.r or m.alpha != first.alpha for m in mods.values()):
         raise ValueError("adapters with different ranks per layer are not supported")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    config = {
+    adapter_cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout,
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
@@ -172,44 +172,44 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | Path
     path.mkdir(parents=True, exist_ok=True)
     with atomic_file(path / CONFIG) as config_tmp, atomic_file(path / WEIGHTS) as weights_tmp:
         save_file(adapter_state_dict(model, dtype), weights_tmp, metadata={"format": "pt"})
-        config_tmp.write_text(json.dumps(config, indent=2))
+        config_tmp.write_text(json.dumps(adapter_cfg, indent=2))
 
 
 def read_adapter_config(path: str | Path) -> dict:
     file = Path(path) / CONFIG
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: not a PEFT adapter directory")
-    cfg = read_json_file(file)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    adapter_cfg = read_json_file(file)
+    if not isinstance(adapter_cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(adapter_cfg).__name__}")
     unsupported = {"peft_type": lambda v: v != "LORA", "use_dora": bool, "use_rslora": bool,
                    "rank_pattern": bool, "alpha_pattern": bool, "modules_to_save": bool,
                    "layers_to_transform": lambda v: v is not None, "fan_in_fan_out": bool,
                    "bias": lambda v: v not in (None, "none"), "lora_bias": bool}
     for key, bad in unsupported.items():
-        if key in cfg and bad(cfg[key]):
-            raise ValueError(f"{file}: {key}={cfg[key]!r} is not supported (plain LoRA only)")
+        if key in adapter_cfg and bad(adapter_cfg[key]):
+            raise ValueError(f"{file}: {key}={adapter_cfg[key]!r} is not supported (plain LoRA only)")
     for key in ("r", "lora_alpha", "target_modules"):
-        if key not in cfg:
+        if key not in adapter_cfg:
             raise ValueError(f"{file}: missing field {key!r}")
-    return cfg
+    return adapter_cfg
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | Path, dropout: float | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter into `model` (adding LoRA layers from the config if it has none)."""
     path = Path(path)
-    cfg = read_adapter_config(path)
-    targets = cfg["target_modules"]
+    adapter_cfg = read_adapter_config(path)
+    r, alpha, targets = adapter_cfg["r"], adapter_cfg["lora_alpha"], adapter_cfg["target_modules"]
     if not lora_modules(model):
-        add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0) if dropout is None else dropout,
+        add_lora(model, r, alpha, adapter_cfg.get("lora_dropout", 0.0) if dropout is None else dropout,
                  targets if isinstance(targets, str) else tuple(targets))
     mods = lora_modules(model)
     for name, m in mods.items():
         if m.merged:
             raise ValueError(f"{name}: adapter is merged; unmerge before loading another")
-        if m.r != cfg["r"] or m.alpha != cfg["lora_alpha"]:
-            raise ValueError(f"{path / CONFIG}: r={cfg['r']}, lora_alpha={cfg['lora_alpha']} but the model's "
+        if m.r != r or m.alpha != alpha:
+            raise ValueError(f"{path / CONFIG}: r={r}, lora_alpha={alpha} but the model's "
                              f"adapters have r={m.r}, alpha={m.alpha}")
     file = path / WEIGHTS
     if not file.exists():

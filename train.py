@@ -38,7 +38,7 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=105,
                     help="stop after this many steps (the cosine schedule ends there); default: the shipped "
-                    "adapter's recipe, 58%% of an epoch of the default data, an hour on 2 CPU cores; 0: run --epochs")
+                    "adapter's recipe, 58%% of an epoch of the default data (README: its time); 0: run --epochs")
     ap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per micro-batch")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--max-len", type=int, default=1024, help="longer examples are dropped, never cut")
@@ -77,7 +77,7 @@ def main(argv=None):
     name = (f"heldout-seed{args.seed}-limit{args.limit}" + ("-canonical" if args.canonical_targets else "")
             + ("-ncmodel" if args.nc_from_model else ""))
     data_dir = Path(args.msft or ROOT / "data" / "msft" / name)
-    # a bad --data or --model fails now, not after an hour of building data
+    # a bad --data or --model fails now, not after building the data
     if args.data != str(SPIDER) or not (data_dir / "train.jsonl").exists():
         layout(Path(args.data))
     model_dir = hub.resolve_model(args.model)

@@ -18,11 +18,30 @@ On CUDA the decode step is a CUDA graph (GraphedDecode): recorded once per batch
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, pack_linears
+
+
+def load_for_inference(model: str | Path | None = None, dtype="bf16", device: str | None = None,
+                       adapter: str | Path | None = None):
+    """(model, tokenizer) ready to generate: the model resolved (None: the default one, fetched on first use),
+    loaded, a LoRA adapter merged in (inference needs no separate LoRA matmuls), and its CPU bf16 weights laid
+    out once for oneDNN (pack_linears; a no-op elsewhere)."""
+    from . import hub
+    from .tokenizer import Tokenizer
+    from .weights import load_model
+
+    path = hub.resolve_model(model)
+    lm = load_model(path, dtype=dtype, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if adapter is not None:
+        from .lora import load_adapter, merge_lora
+        merge_lora(load_adapter(lm, adapter))
+    pack_linears(lm)
+    return lm, Tokenizer.from_dir(path)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .sql import count_tables, used_schema
 from .vote import Candidate, vote
 
 STEPS = ("sl", "nc", "cw")
-MAX_NEW = {"sl": 128, "ts": 256, "nc": 256, "cw": 256}
+MAX_NEW_TOKENS = {"sl": 128, "ts": 256, "nc": 256, "cw": 256}  # per task
 
 
 @dataclass
@@ -82,15 +82,17 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
     schemas = {db.path: db.schema_prompt(sample_rows=sample_rows) for db in dbs}
     traces = [Trace(e.question, e.db_id) for e in examples]
 
-    def ask(task, items, name=None, prefix_cache=cache, lm=model, **kw):
-        """items: (index, prompt parts); returns the answers in order."""
+    def ask(task, items, step=None, prefix_cache=cache, lm=model, **kw):
+        """Prompts of one task, items (index, prompt parts), for one step of the chain (named as the task
+        unless given: the pre-SQL, the samples and the base model's answers are TS prompts); returns the
+        answers in order, and counts the step's time."""
         if not items:
             return []
-        t0 = time.perf_counter()
-        outs = generate_fn(lm, tok, [p for _, p in items], max_new_tokens=MAX_NEW[task], stop=prompts.STOP[task],
-                           keep_stop=task == "nc", batch_tokens=batch_tokens, prefix_cache=prefix_cache,
-                           reuse_prefix=reuse_prefix, progress=progress, desc=name or task, **kw)
-        times[name or task] = times.get(name or task, 0.0) + time.perf_counter() - t0
+        t0, step = time.perf_counter(), step or task
+        outs = generate_fn(lm, tok, [p for _, p in items], max_new_tokens=MAX_NEW_TOKENS[task],
+                           stop=prompts.STOP[task], keep_stop=task == "nc", batch_tokens=batch_tokens,
+                           prefix_cache=prefix_cache, reuse_prefix=reuse_prefix, progress=progress, desc=step, **kw)
+        times[step] = times.get(step, 0.0) + time.perf_counter() - t0
         return outs
 
     def full(task, i, e, **kw):
@@ -104,10 +106,11 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
                 return fixed, res2
         return sql, res
 
-    # 1. Schema linking: SL answers and pre-SQL share the full-schema prefix (computed once, cached).
+    # 1. Schema linking: the SL answers, and the pre-SQL (a TS prompt on the full schema), share the
+    # full-schema prefix (computed once, cached).
     if "sl" in steps:
         sl_outs = ask("sl", [(i, full("sl", i, e)) for i, e in enumerate(examples)])
-        pre_outs = ask("ts", [(i, full("ts", i, e)) for i, e in enumerate(examples)], "pre-sql")
+        pre_outs = ask("ts", [(i, full("ts", i, e)) for i, e in enumerate(examples)], step="pre-sql")
         for i, tr in enumerate(traces):
             tr.sl_answer, tr.pre_sql = sl_outs[i], prompts.parse_sql(pre_outs[i])
             linked = prompts.parse_links(tr.sl_answer, dbs[i])
@@ -131,10 +134,11 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
     ts_cache = PrefixCache(max_bytes=1 << 30)
     for (i, _), out in zip(items, ask("ts", items, prefix_cache=ts_cache)):
         traces[i].ts_sql = prompts.parse_sql(out)
-    sampled = ask("ts", [it for it in items for _ in range(samples)], "samples", prefix_cache=ts_cache,
+    sampled = ask("ts", [it for it in items for _ in range(samples)], step="samples", prefix_cache=ts_cache,
                   temperature=temperature, seed=seed)
     del ts_cache
-    from_base = ask("ts", items, "base ts", prefix_cache=PrefixCache(max_bytes=1 << 30), lm=base) if base else []
+    base_cache = PrefixCache(max_bytes=1 << 30)
+    from_base = ask("ts", items, step="base ts", prefix_cache=base_cache, lm=base) if base else []
     for k, (i, _) in enumerate(items):
         tr = traces[i]
         cands = [Candidate(tr.ts_sql, "ts")] + ([Candidate(tr.pre_sql, "pre-sql")] if tr.pre_sql else []) + \

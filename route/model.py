@@ -36,22 +36,22 @@ class ModelConfig:
     rope_scaling: dict | None = None
 
     @classmethod
-    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict; unknown families and missing fields are errors."""
-        mt = cfg.get("model_type")
+        mt = hf.get("model_type")
         if mt not in ("qwen2", "llama"):
             raise ValueError(f"{source}: unsupported model_type {mt!r} (supported: 'qwen2', 'llama')")
 
         def need(key):
-            if key not in cfg:
+            if key not in hf:
                 raise ValueError(f"{source}: missing field {key!r} for model_type {mt!r}")
-            return cfg[key]
+            return hf[key]
 
         n_heads, hidden = need("num_attention_heads"), need("hidden_size")
-        bias = bool(cfg.get("attention_bias", False))
+        bias = bool(hf.get("attention_bias", False))
         # transformers<5 writes rope_theta + rope_scaling; transformers>=5 folds both into rope_parameters
-        scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        theta = scaling.get("rope_theta", hf.get("rope_theta", 10000.0))
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ("default", "llama3"):
             raise ValueError(f"{source}: rope type {kind!r} is not supported (only 'default' and 'llama3')")
@@ -62,15 +62,15 @@ class ModelConfig:
             intermediate_size=need("intermediate_size"),
             num_hidden_layers=need("num_hidden_layers"),
             num_attention_heads=n_heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hidden // n_heads,
             rms_norm_eps=need("rms_norm_eps"),
             rope_theta=float(theta),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=True if mt == "qwen2" else bias,
             o_bias=False if mt == "qwen2" else bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
             rope_scaling=scaling if kind == "llama3" else None,
         )
 

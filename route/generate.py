@@ -14,6 +14,9 @@ with answers of 30-60 tokens. Three ideas keep it fast:
    holes are masked out. Finished rows are dropped from the batch so they stop costing compute.
 
 On CUDA the decode step is a CUDA graph (GraphedDecode): recorded once per batch, replayed per token.
+
+Reading order: generate() -> _plan_batches -> _run_batch, which is _prefill (lay the batch out, run the
+prompts), then per step: sample, _finish_rows, drop finished rows (KVCache.keep_rows), one decode step.
 """
 import time
 from collections import OrderedDict

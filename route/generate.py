@@ -16,7 +16,7 @@ with answers of 30-60 tokens. Three ideas keep it fast:
 On CUDA the decode step is a CUDA graph (GraphedDecode): recorded once per batch, replayed per token.
 
 Reading order: generate() -> _plan_batches -> _run_batch, which is _prefill (lay the batch out, run the
-prompts), then per step: sample, _finish_rows, drop finished rows (KVCache.keep_rows), one decode step.
+prompts), then per step: sample, _finish_rows, _compact (drop finished rows), one decode step.
 """
 import time
 from collections import OrderedDict
@@ -272,11 +272,7 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampl
         if len(finished) == len(live) or step == s.max_new - 1:
             return
         if 4 * len(finished) >= len(live):  # drop finished rows once they are a quarter of the batch
-            done = set(finished)
-            kept = [i for i in range(len(live)) if i not in done]
-            idx = torch.tensor(kept, device=tokens.device)
-            cache.keep_rows(idx)
-            live, tokens, positions = [live[i] for i in kept], tokens[idx], positions[idx]
+            live, tokens, positions = _compact(cache, live, finished, tokens, positions)
             finished, graph = [], None  # the graph recorded the old cache: record anew
         cache.valid[:, slot] = True
         if graphs:
@@ -311,6 +307,15 @@ def _prefill(model, tok, rows: list[_Row], prefix_cache: PrefixCache, max_new: i
     mask = None if P == 0 and all(len(r.rest) == T for r in rows) else attention_mask(cache.valid, P, T)
     logits = _last_logits(model, tokens, positions, mask, cache, start=P)
     return cache, logits, positions[:, -1] + 1, P + T
+
+
+def _compact(cache: KVCache, live: list[int], finished: list[int], tokens, positions):
+    """Drop the finished rows from the cache and the step's inputs, so they stop costing compute."""
+    done = set(finished)
+    kept = [i for i in range(len(live)) if i not in done]
+    idx = torch.tensor(kept, device=tokens.device)
+    cache.keep_rows(idx)
+    return [live[i] for i in kept], tokens[idx], positions[idx]
 
 
 def _finish_rows(tok, rows: list[_Row], tokens: list[int], s: Sampling, last_step: bool, st: Stats) -> list[int]:

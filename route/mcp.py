@@ -86,7 +86,7 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
         chain.correct_noise()
     if "cw" in steps:
         chain.continue_writing()
-    for i, tr in enumerate(chain.traces):
+    for i, tr in enumerate(chain.traces):  # the answer: the final SQL (repaired if it fails) and its first rows
         tr.sql, res = chain.run(i, tr.sql)
         tr.error, tr.rows = res.error, [list(r) for r in res.rows[:20]]
     return chain.traces, chain.times
@@ -97,8 +97,8 @@ class _Chain:
 
     def __init__(self, model, tok, examples, fewshot, repair, sample_rows, timeout, generate_fn, generate_kw):
         self.model, self.tok, self.examples, self.fewshot, self.repair = model, tok, examples, fewshot, repair
-        self.sample_rows, self.timeout, self.generate_fn, self.generate_kw = sample_rows, timeout, generate_fn, \
-            generate_kw
+        self.sample_rows, self.timeout = sample_rows, timeout
+        self.generate_fn, self.generate_kw = generate_fn, generate_kw
         self.cache, self.times = PrefixCache(), {}
         self.dbs = [open_database(e.db_path) for e in examples]
         self.schemas = {db.path: db.schema_prompt(sample_rows=sample_rows) for db in self.dbs}

@@ -158,7 +158,8 @@ class GraphedDecode:
     A decode step of a small model is hundreds of small kernels; launched one at a time from Python they take
     longer than the GPU needs to run them. Replaying a recorded graph is one launch. A graph replays fixed
     addresses, so every step copies its inputs into fixed buffers, the cache slot is a tensor, and attention
-    runs over the whole cache (unwritten slots masked). Recording costs about two eager steps.
+    runs over the whole cache (unwritten slots masked). Recording costs about two eager steps; a batch is
+    recorded anew when finished rows are dropped from it.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, tokens, positions, slot: int):

@@ -39,7 +39,8 @@ def test_kv_cache_decoding_equals_full_recompute(pair):
         cache = KVCache(m.config, 2, 24, torch.float32, "cpu")
         steps = [m.logits(x[:, :16], cache=cache)]  # prefill 16 tokens, then decode one at a time
         for t in range(16, 24):
-            steps.append(m.logits(x[:, t:t + 1], cache=cache, start=t, mask=torch.ones(2, 1, 1, t + 1, dtype=torch.bool)))
+            mask = torch.ones(2, 1, 1, t + 1, dtype=torch.bool)
+            steps.append(m.logits(x[:, t:t + 1], cache=cache, start=t, mask=mask))
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
 
 

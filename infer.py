@@ -83,29 +83,20 @@ def load_examples(args):
 def load_engine(args):
     """Model + tokenizer (+ adapter) + the base model when its answers vote too (--vote-with-base): returns
     (model, tokenizer, whether a fine-tuned adapter is active, base model or None)."""
-    from route import hub
-    from route.model import pack_linears
-    from route.tokenizer import Tokenizer
-    from route.weights import load_model
+    from route.generate import load_for_inference
 
-    path = hub.resolve_model(args.model)
-    model = load_model(path, dtype=args.dtype, device=args.device)
     adapter = Path(args.adapter) if args.adapter else None
     if adapter is None and args.model is None and not args.no_adapter and (ADAPTER / "adapter_config.json").exists():
         adapter = ADAPTER
+    model, tok = load_for_inference(args.model, args.dtype, args.device, adapter)
     if adapter is not None:
-        from route.lora import load_adapter, merge_lora
-        load_adapter(model, adapter)
-        merge_lora(model)  # inference needs no separate LoRA matmuls
         print(f"adapter: {adapter}")
-    pack_linears(model)  # CPU bf16: weights laid out once for oneDNN (a no-op elsewhere)
     base = None
     if adapter is not None and args.vote_with_base:
         # a second, plain copy rather than an unmerged adapter switched off: merged and packed, each copy runs
         # at full speed on CPU, and a 0.5B model's copy costs 1 GB
-        base = load_model(path, dtype=args.dtype, device=args.device)
-        pack_linears(base)
-    return model, Tokenizer.from_dir(path), adapter is not None, base
+        base, _ = load_for_inference(args.model, args.dtype, args.device)
+    return model, tok, adapter is not None, base
 
 
 def main(argv=None):

@@ -7,33 +7,14 @@ linking (the MCP chain, Sec. 3.3), and executes SQL twice: noise correction read
 error, evaluation compares results (EX). Everything here reads the database itself (`PRAGMA table_info`,
 `foreign_key_list`) rather than a JSON description of it, so a user's own SQLite file works the same way.
 
-Nothing a model writes may change a database, read a file, or hold the process: connections are opened
-read-only (`mode=ro`; `immutable=1` for a WAL-mode file with no `-wal` beside it, which `mode=ro` would create
-`-wal` and `-shm` files for), with `PRAGMA query_only`, and SQLite's authorizer decides what runs from an
-allow-list: reading actions and the built-in functions named in FUNCTIONS (no ATTACH, PRAGMA, write,
-`load_extension`, `fts3_tokenizer`, ...). A short text check refuses what is not a query (EXPLAIN, a bare
-transaction) in time linear in the SQL's length.
-
-Bounded time and memory, per query:
-  - time: a watchdog thread calls `Connection.interrupt()` at the deadline; SQLite checks the flag on every
-    loop step (a progress handler fires at the same points, so it would add nothing but calls into Python).
-    Straight-line work inside one row cannot be interrupted, which is why the next two caps exist.
-  - values: no string or blob longer than MAX_VALUE (`SQLITE_LIMIT_LENGTH`, Python >= 3.11; below that only
-    the heap cap holds) and no SQL longer than MAX_SQL. SQLite's `instr`, `replace` and two-argument `trim`
-    are quadratic (9 s for one `instr` on 1 MiB) and `printf('%.*c', N, ...)` loops N times whatever the cap:
-    these run as Python (linear searches; printf's widths checked, then SQLite's own printf), and
-    `randomblob` as `os.urandom`, so that one call stays in the milliseconds and a row's worth of them in
-    about a second (measured: bench/security.py).
-  - memory: SQLite's heap is capped for the process (`PRAGMA hard_heap_limit`, HEAP_LIMIT, only ever
-    lowered), temporary b-trees and sorts stay in that memory (never in temporary files), and the result is
-    accounted row by row as it is read, so the cap holds before memory is spent.
-A value or result over its cap is an error (`result too large: ...`), never a success with fewer rows; only
-the row cap (max_rows) returns a prefix, marked `truncated`.
+Nothing a model writes may change a database, read a file, or hold the process: sandbox.py opens every
+connection read-only and bounds each query's time and memory. A value or result over its cap is an error
+(`result too large: ...`), never a success with fewer rows; only the row cap (max_rows) returns a prefix,
+marked `truncated`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import threading
@@ -43,12 +24,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .sandbox import HEAP_LIMIT, MAX_SQL, MAX_VALUE, WATCHDOG, TooLarge, connect, is_query, lenient_text, \
+    lock_down, row_size
+
 DEFAULT_TIMEOUT = 30.0  # seconds per query
 MAX_ROWS = 100_000  # rows fetched per query; more are cut off (ExecResult.truncated)
 MAX_BYTES = 64 << 20  # approximate size of a result, bytes; a larger one is an error
-MAX_VALUE = 1 << 20  # longest string or blob a query may build or return (randomblob of this size: ~3 ms)
-MAX_SQL = 10_000  # characters of SQL a model's query may have (Spider's longest gold query: about 600)
-HEAP_LIMIT = 1 << 30  # SQLite's memory for the whole process, page caches included
 SAMPLE_CHARS = 100  # ROUTE cuts long strings in sample rows at 100 characters
 
 
@@ -176,225 +157,6 @@ def _cut(value):
     return value
 
 
-# -- execution ---------------------------------------------------------------------------------------------
-
-# Built-in functions a query may call: core scalars, aggregates, window functions, dates, math, JSON, and the
-# FTS3/4/5 auxiliaries that reading a full-text table needs. Not here, so refused: load_extension (loads
-# code), fts3_tokenizer (reads and writes a pointer inside SQLite), sqlite_* introspection, changes() etc.
-FUNCTIONS = frozenset("""
-    abs char coalesce concat concat_ws format glob hex ifnull iif instr length like likelihood likely lower
-    ltrim max min nullif octet_length printf quote random randomblob replace round rtrim sign soundex substr
-    substring trim typeof unhex unicode unlikely upper zeroblob
-    avg count group_concat string_agg sum total
-    row_number rank dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value
-    date time datetime julianday unixepoch strftime timediff current_date current_time current_timestamp
-    acos acosh asin asinh atan atan2 atanh ceil ceiling cos cosh degrees exp floor ln log log10 log2 mod pi
-    pow power radians sin sinh sqrt tan tanh trunc
-    json jsonb json_array jsonb_array json_array_length json_error_position json_extract jsonb_extract -> ->>
-    json_insert jsonb_insert json_object jsonb_object json_patch jsonb_patch json_pretty json_remove
-    jsonb_remove json_replace jsonb_replace json_set jsonb_set json_type json_valid json_quote
-    json_group_array jsonb_group_array json_group_object jsonb_group_object
-    match snippet offsets matchinfo highlight bm25
-""".split())
-_READING = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, 33}  # 33: SQLITE_RECURSIVE (no name before 3.11)
-
-
-def _authorize(action, arg1, arg2, *_):
-    # Allow-list, not deny-list: ATTACH (which can create a file), PRAGMA (which could undo query_only),
-    # every write, every transaction statement and every function not named above are refused by SQLite
-    # while it compiles the statement, before anything runs. For a function, arg2 is its (lower-case) name.
-    if action in _READING or action == sqlite3.SQLITE_FUNCTION and arg2 in FUNCTIONS:
-        return sqlite3.SQLITE_OK
-    return sqlite3.SQLITE_DENY
-
-
-_SKIP = re.compile(r"[\s(]*")  # one character class, no nesting: a linear scan
-_QUERY_WORD = re.compile(r"(?:select|with|values)\b", re.I)
-
-
-def is_query(sql: str) -> bool:
-    """Does the statement start (after spaces, comments, parentheses) with SELECT, WITH or VALUES? One pass
-    over the text: a regular expression for this backtracked for minutes on a run of `/**/` comments."""
-    i = 0
-    while True:
-        i = _SKIP.match(sql, i).end()
-        if sql.startswith("--", i):
-            i = sql.find("\n", i)
-            if i < 0:
-                return False
-        elif sql.startswith("/*", i):
-            i = sql.find("*/", i + 2)
-            if i < 0:
-                return False
-            i += 2
-        else:
-            return _QUERY_WORD.match(sql, i) is not None
-
-
-class _Watchdog:
-    """One thread for the process that interrupts each query still running at its deadline. SQLite checks
-    the interrupt flag between steps, so this also ends a statement stuck where Python code never runs."""
-
-    def __init__(self):
-        self._cv = threading.Condition()
-        self._armed: dict[object, tuple[float, sqlite3.Connection]] = {}
-        self._thread = None
-        self._wakes_at = float("inf")  # when the thread will look next: earlier deadlines must wake it
-
-    def arm(self, conn: sqlite3.Connection, deadline: float) -> object:
-        token = object()
-        with self._cv:
-            self._armed[token] = (deadline, conn)
-            if self._thread is None or not self._thread.is_alive():  # not yet started, or lost in a fork
-                self._thread = threading.Thread(target=self._run, name="route-sql-watchdog", daemon=True)
-                self._thread.start()
-            if deadline < self._wakes_at:  # most queries end long before the thread next looks: no wake-up
-                self._cv.notify()
-        return token
-
-    def disarm(self, token: object) -> None:
-        with self._cv:
-            self._armed.pop(token, None)
-
-    def _run(self):
-        with self._cv:
-            while True:
-                now = time.monotonic()
-                for token, (deadline, conn) in list(self._armed.items()):
-                    if deadline <= now:
-                        del self._armed[token]
-                        conn.interrupt()  # a flag SQLite reads; cleared when the connection's next query starts
-                self._wakes_at = min((d for d, _ in self._armed.values()), default=float("inf"))
-                self._cv.wait(None if self._wakes_at == float("inf") else self._wakes_at - now)
-
-
-_WATCHDOG = _Watchdog()
-_FORMAT = sqlite3.connect(":memory:", check_same_thread=False)  # renders floats as SQLite does
-_FORMAT_LOCK = threading.Lock()
-
-
-def _text(v):
-    """A function argument as SQLite converts it to text (floats: `1.0e+20`, not Python's `1e+20`)."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bytes):
-        return v.decode("utf-8", errors="replace")
-    if isinstance(v, float):
-        with _FORMAT_LOCK:
-            return _FORMAT.execute("SELECT CAST(? AS TEXT)", (v,)).fetchone()[0]
-    return str(v)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _instr(x, y):
-    if x is None or y is None:
-        return None
-    if isinstance(x, bytes) and isinstance(y, bytes):
-        return x.find(y) + 1
-    return _text(x).find(_text(y)) + 1
-
-
-def _replace(x, y, z, limit: int):
-    if x is None or y is None:
-        return None
-    y = _text(y)
-    if not y:
-        return x  # SQLite returns X itself, type and all
-    if z is None:
-        return None
-    x, z = _text(x), _text(z)
-    if len(x) + x.count(y) * (len(z) - len(y)) > limit:  # measured before the string is built
-        raise _TooLarge(f"result too large: replace() would build a string over {limit} characters")
-    return x.replace(y, z)
-
-
-def _trim(x, y, left: bool, right: bool):
-    # SQLite compares each character of x with each character of y: quadratic (4.8 s for 100k x 10k)
-    if x is None or y is None:
-        return None
-    x, chars = _text(x), set(_text(y))
-    i, j = 0, len(x)
-    while left and i < j and x[i] in chars:
-        i += 1
-    while right and j > i and x[j - 1] in chars:
-        j -= 1
-    return x[i:j]
-
-
-def _randomblob(n, limit: int) -> bytes:
-    # os.urandom: 7x faster than SQLite's generator, and the cost of one call is what bounds a row's time
-    if not isinstance(n, int):
-        with _FORMAT_LOCK:
-            n = _FORMAT.execute("SELECT CAST(? AS INTEGER)", (n,)).fetchone()[0] or 0
-    if n > limit:
-        raise _TooLarge(f"result too large: a string or blob over {limit} bytes")
-    return os.urandom(max(1, n))
-
-
-_NUMBER = re.compile(r"\d+")
-
-
-def _c_int(v) -> int:
-    """What SQLite's printf makes of an argument it reads for a `*`: a 64-bit integer cut to a C int."""
-    if not isinstance(v, int):
-        with _FORMAT_LOCK:
-            v = _FORMAT.execute("SELECT CAST(? AS INTEGER)", (v,)).fetchone()[0] or 0
-    v = max(-(1 << 63), min((1 << 63) - 1, v))
-    return (v + (1 << 31)) % (1 << 32) - (1 << 31)
-
-
-def _printf(limit: int, fmt, *args):
-    """SQLite's own printf, run on a private connection after refusing any width or precision over the value
-    cap: `printf('%.*c', 1e9, 'a')` loops a billion times inside one call even when its result is refused."""
-    if fmt is None:
-        return None
-    text = _text(fmt)
-    # every number in the format counts, and with a `*` every argument: safe, and simple
-    if any(len(n) > 9 or int(n) > limit for n in _NUMBER.findall(text)) or "*" in text and any(
-            abs(_c_int(a)) > limit for a in args):
-        raise _TooLarge(f"result too large: a printf() width or precision over {limit}")
-    with _FORMAT_LOCK:
-        if hasattr(_FORMAT, "setlimit"):
-            _FORMAT.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
-        try:
-            return _FORMAT.execute(f"SELECT printf({', '.join('?' * (1 + len(args)))})", (fmt, *args)).fetchone()[0]
-        except sqlite3.DataError:
-            raise _TooLarge(f"result too large: a string or blob over {limit} bytes") from None
-
-
-def _lenient_text(b: bytes) -> str:
-    return b.decode("utf-8", errors="replace")
-
-
-def _size(row: tuple) -> int:
-    return sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row) + 16
-
-
-def _open_readonly(path: Path) -> sqlite3.Connection:
-    """A read-only connection that creates no file beside the database."""
-    with path.open("rb") as f:
-        wal = f.read(20)[18:20] == b"\x02\x02"  # header bytes 18-19: file format versions, 2 = WAL
-    # mode=ro on a WAL database creates -wal and -shm (and leaves them); with no -wal there is nothing
-    # beyond the file to read, and immutable=1 reads the file alone. A -wal present belongs to a writer.
-    immutable = "&immutable=1" if wal and not path.with_name(path.name + "-wal").exists() else ""
-    return sqlite3.connect(f"{path.as_uri()}?mode=ro{immutable}", uri=True, isolation_level=None,
-                           check_same_thread=False)
-
-
-_HEAP_LOCK = threading.Lock()
-
-
-def _cap_heap(conn: sqlite3.Connection) -> None:
-    """Lower SQLite's process-wide hard heap limit to HEAP_LIMIT (never raise one set lower, e.g. by a test)."""
-    with _HEAP_LOCK:
-        row = conn.execute("PRAGMA hard_heap_limit").fetchone()  # None before SQLite 3.31: no cap to set
-        if row is not None and (row[0] == 0 or row[0] > HEAP_LIMIT):
-            conn.execute(f"PRAGMA hard_heap_limit = {int(HEAP_LIMIT)}")
-
-
 class Database:
     """One SQLite file: its tables, its schema prompt, and a reused read-only connection."""
 
@@ -403,27 +165,18 @@ class Database:
         if not self.path.is_file():
             raise FileNotFoundError(f"no SQLite database at {self.path}")
         self.name = self.path.stem
-        self._conn = _open_readonly(self.path)
         try:
-            self._conn.execute("PRAGMA query_only = 1")
-            self._conn.execute("PRAGMA temp_store = MEMORY")  # sorts and temporary b-trees: under the heap cap
-            _cap_heap(self._conn)
-            self.tables = _read_tables(self._conn)
+            self._conn = connect(self.path)
+            try:
+                self.tables = _read_tables(self._conn)
+            except sqlite3.DatabaseError:
+                self._conn.close()
+                raise
         except sqlite3.DatabaseError as e:
-            self._conn.close()
             raise ValueError(f"{self.path}: not a readable SQLite database ({e})") from e
         self._value_limit = MAX_VALUE
         self._function_error: str | None = None  # why our own instr/replace refused, for the error message
-        # SQLite's versions of these can spend seconds in one call, where no interrupt reaches them
-        for name, n, fn in [("instr", 2, _instr), ("replace", 3, lambda x, y, z: _replace(x, y, z, self._value_limit)),
-                            ("trim", 2, lambda x, y: _trim(x, y, True, True)),
-                            ("ltrim", 2, lambda x, y: _trim(x, y, True, False)),
-                            ("rtrim", 2, lambda x, y: _trim(x, y, False, True)),
-                            ("randomblob", 1, lambda n: _randomblob(n, self._value_limit)),
-                            ("printf", -1, lambda *a: _printf(self._value_limit, *a)),
-                            ("format", -1, lambda *a: _printf(self._value_limit, *a))]:
-            self._conn.create_function(name, n, self._guard(fn), deterministic=name != "randomblob")
-        self._conn.set_authorizer(_authorize)  # after our own PRAGMAs; from here on, reading only
+        lock_down(self._conn, lambda: self._value_limit, self._refused)  # from here on, reading only
         self._lock = threading.Lock()
         self._results: OrderedDict = OrderedDict()
         self._cache_size = cache_size
@@ -461,15 +214,8 @@ class Database:
                     self._results.popitem(last=False)
             return result
 
-    def _guard(self, fn):
-        """A Python function for SQLite that reports why it refused (SQLite only says that it raised)."""
-        def call(*args):
-            try:
-                return fn(*args)
-            except _TooLarge as e:
-                self._function_error = str(e)
-                raise
-        return call
+    def _refused(self, message: str):
+        self._function_error = message
 
     def _execute(self, sql, timeout, max_rows, max_bytes, ours: bool = False) -> ExecResult:
         """`ours`: SQL this module wrote (sample rows): any length, values up to max_bytes."""
@@ -487,14 +233,14 @@ class Database:
         if hasattr(self._conn, "setlimit"):  # Python >= 3.11; below, only HEAP_LIMIT bounds a value
             self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._value_limit)
         self._function_error = None
-        watch = _WATCHDOG.arm(self._conn, deadline)
+        watch = WATCHDOG.arm(self._conn, deadline)
         try:
             try:
                 rows, columns, truncated = self._fetch(sql, deadline, max_rows, max_bytes)
             except sqlite3.OperationalError as e:
                 if "decode" not in str(e):
                     raise
-                self._conn.text_factory = _lenient_text  # bad UTF-8 in the data: decode what can be
+                self._conn.text_factory = lenient_text  # bad UTF-8 in the data: decode what can be
                 try:
                     rows, columns, truncated = self._fetch(sql, deadline, max_rows, max_bytes)
                 finally:
@@ -502,7 +248,7 @@ class Database:
         except Exception as e:  # noqa: BLE001 - anything a query does is reported, never raised
             return ExecResult([], [], self._message(e, timeout, deadline), seconds=time.monotonic() - start)
         finally:
-            _WATCHDOG.disarm(watch)
+            WATCHDOG.disarm(watch)
         return ExecResult(rows, columns, None, truncated, time.monotonic() - start)
 
     def _message(self, e: Exception, timeout: float, deadline: float) -> str:
@@ -510,7 +256,7 @@ class Database:
         text = str(e)
         if text == "interrupted":
             return f"timeout: the query ran longer than {timeout:g} s"
-        if isinstance(e, _TooLarge) or text.startswith("result too large"):
+        if isinstance(e, TooLarge) or text.startswith("result too large"):
             return text
         if self._function_error:
             return self._function_error
@@ -530,9 +276,9 @@ class Database:
             for row in cursor:  # one row at a time: the byte cap is checked before the next row is read
                 if len(rows) >= max_rows:
                     return rows, columns, True
-                size += _size(row)
+                size += row_size(row)
                 if size > max_bytes:
-                    raise _TooLarge(f"result too large: over {max_bytes} bytes after {len(rows)} rows")
+                    raise TooLarge(f"result too large: over {max_bytes} bytes after {len(rows)} rows")
                 rows.append(row)
                 if len(rows) % 1024 == 0 and time.monotonic() > deadline:  # Python's own time counts too
                     raise sqlite3.OperationalError("interrupted")

@@ -14,15 +14,37 @@ with answers of 30-60 tokens. Three ideas keep it fast:
    holes are masked out. Finished rows are dropped from the batch so they stop costing compute.
 
 On CUDA the decode step is a CUDA graph (GraphedDecode): recorded once per batch, replayed per token.
+
+Reading order: generate() -> _plan_batches -> _run_batch, which is _prefill (lay the batch out, run the
+prompts), then per step: sample, _finish_rows, _compact (drop finished rows), one decode step.
 """
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, pack_linears
+
+
+def load_for_inference(model: str | Path | None = None, dtype="bf16", device: str | None = None,
+                       adapter: str | Path | None = None):
+    """(model, tokenizer) ready to generate: the model resolved (None: the default one, fetched on first use),
+    loaded, a LoRA adapter merged in (inference needs no separate LoRA matmuls), and its CPU bf16 weights laid
+    out once for oneDNN (pack_linears; a no-op elsewhere)."""
+    from . import hub
+    from .tokenizer import Tokenizer
+    from .weights import load_model
+
+    path = hub.resolve_model(model)
+    lm = load_model(path, dtype=dtype, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if adapter is not None:
+        from .lora import load_adapter, merge_lora
+        merge_lora(load_adapter(lm, adapter))
+    pack_linears(lm)
+    return lm, Tokenizer.from_dir(path)
 
 
 @dataclass
@@ -40,6 +62,27 @@ class Stats:
             setattr(self, k, getattr(self, k) + v)
 
 
+@dataclass
+class Sampling:
+    """How the next token is chosen and when a row ends."""
+    max_new: int = 256                 # tokens per row at most
+    temperature: float = 0.0           # 0: greedy
+    top_p: float = 1.0                 # nucleus sampling: the smallest set of top tokens with this much mass
+    generator: torch.Generator | None = None  # seeded, when sampling
+    stop: tuple[str, ...] = ()         # a row ends at the first of these in its text...
+    keep_stop: bool = False            # ...which its text then keeps (NC's verdicts) or loses
+
+    @property
+    def stop_tail(self) -> int:
+        """How many last tokens to decode when looking for a stop string (a token may hold several chars)."""
+        return max((len(s) for s in self.stop), default=0) + 4
+
+
+def _last_logits(model: Transformer, tokens, *args, **kw) -> torch.Tensor:
+    """Logits (B, V) of each row's last new token: the head runs on no other position."""
+    return model.head(model.hidden(tokens, *args, **kw)[:, -1:])[:, -1]
+
+
 class PrefixCache:
     """Keys/values of shared prompt prefixes, least-recently-used first out past `max_bytes`.
 
@@ -48,12 +91,11 @@ class PrefixCache:
     """
 
     def __init__(self, max_bytes: int = 4 << 30):
-        self.max_bytes, self.entries, self.hits = max_bytes, OrderedDict(), 0
+        self.max_bytes, self.entries = max_bytes, OrderedDict()
 
     def get(self, model: Transformer, levels: tuple[tuple[int, ...], ...], stats: Stats) -> KVCache:
         if levels in self.entries:
             self.entries.move_to_end(levels)
-            self.hits += 1
             return self.entries[levels]
         parent = self.get(model, levels[:-1], stats) if len(levels) > 1 else None
         n = parent.valid.shape[1] if parent is not None else 0
@@ -62,13 +104,10 @@ class PrefixCache:
         kv = KVCache(model.config, 1, n + len(new), p.dtype, p.device)
         kv.valid[:] = True
         if parent is not None:
-            for layer in range(len(kv.k)):
-                kv.k[layer][:, :, :n] = parent.k[layer]
-                kv.v[layer][:, :, :n] = parent.v[layer]
-        tokens = torch.tensor([new], device=p.device)
+            _copy_prefix(kv, 0, parent, n)
         # the first level needs no mask (plain causal attention, the faster kernel); later ones see their parent
         mask = attention_mask(kv.valid, n, len(new)) if n else None
-        model(tokens, mask=mask, cache=kv, start=n, logits_for=slice(0, 0))
+        model.hidden(torch.tensor([new], device=p.device), mask=mask, cache=kv, start=n)
         stats.prefilled += len(new)
         self.entries[levels] = kv
         while len(self.entries) > 1 and sum(_nbytes(e) for e in self.entries.values()) > self.max_bytes:
@@ -78,6 +117,13 @@ class PrefixCache:
 
 def _nbytes(kv: KVCache) -> int:
     return sum(t.numel() * t.element_size() for t in kv.k + kv.v)
+
+
+def _copy_prefix(cache: KVCache, row: int, prefix: KVCache, n: int):
+    """The n keys/values of a one-row prefix cache into slots [0, n) of `row`."""
+    for layer in range(len(cache.k)):
+        cache.k[layer][row, :, :n] = prefix.k[layer][0]
+        cache.v[layer][row, :, :n] = prefix.v[layer][0]
 
 
 def attention_mask(valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -96,7 +142,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     """logits (B, vocab) -> token ids (B,). temperature 0 is greedy."""
     if temperature <= 0:
         # max().indices, not argmax(): the same first-maximum index, but torch's CPU argmax over a 150k bf16
-        # vocabulary is ~5x slower (4 ms of a 46 ms batch-16 decode step here)
+        # vocabulary is several times slower (README)
         return logits.max(-1).indices
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
@@ -109,11 +155,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 class GraphedDecode:
     """CUDA: one decode step recorded as a CUDA graph for a batch's rows and cache, then replayed per token.
 
-    A decode step of a small model is ~400 small kernels; launched one at a time from Python they take longer
-    than the GPU needs to run them (Qwen2.5-0.5B: the weights are read in ~0.4 ms on an H100). Replaying a
-    recorded graph is one launch. A graph replays fixed addresses, so every step copies its inputs into fixed
-    buffers, the cache slot is a tensor, and attention runs over the whole cache (unwritten slots masked).
-    Recording costs about two eager steps; a batch is re-recorded when finished rows are dropped from it.
+    A decode step of a small model is hundreds of small kernels; launched one at a time from Python they take
+    longer than the GPU needs to run them. Replaying a recorded graph is one launch. A graph replays fixed
+    addresses, so every step copies its inputs into fixed buffers, the cache slot is a tensor, and attention
+    runs over the whole cache (unwritten slots masked). Recording costs about two eager steps; a batch is
+    recorded anew when finished rows are dropped from it.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, tokens, positions, slot: int):
@@ -122,7 +168,7 @@ class GraphedDecode:
         mask = cache.valid[:, None, None, :]  # a view: marking a slot valid also updates the graph's mask
 
         def step():
-            return model(self.tokens, self.positions, mask, cache, start=self.slot)[:, -1]
+            return _last_logits(model, self.tokens, self.positions, mask, cache, slot=self.slot)
 
         side = torch.cuda.Stream()  # warm up (kernel choice, workspaces) off the capture, as torch advises
         side.wait_stream(torch.cuda.current_stream())
@@ -163,12 +209,6 @@ def _split(ids: list[list[int]], reuse: bool) -> tuple[tuple[tuple[int, ...], ..
     return levels, rest
 
 
-def _cut_at_stop(text: str, stop, keep: bool) -> str:
-    """The text up to its first stop string (through it, if keep)."""
-    at, s = min((text.find(s), s) for s in stop if s in text)
-    return text[:at + len(s)] if keep else text[:at]
-
-
 @torch.inference_mode()
 def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (), keep_stop: bool = False,
@@ -185,29 +225,17 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
     On CUDA, cuda_graphs=True replays each batch's decode step as a CUDA graph (GraphedDecode).
     """
     t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
+    sampling = Sampling(max_new_tokens, temperature, top_p, gen, tuple(stop), keep_stop)
     st = Stats(prompts=len(prompts))
     rows = [_Row(i, *_split(ids, reuse_prefix)) for i, ids in enumerate(tok.encode_parts(prompts))]
     st.prompt_tokens = sum(r.n_prefix + len(r.rest) for r in rows)
     cache = prefix_cache if prefix_cache is not None else PrefixCache()
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed) if temperature > 0 else None
-
-    # Sort by (prefix, length): same-database prompts sit together and padding stays small.
-    rows.sort(key=lambda r: (r.prefix, len(r.rest)))
-    batches, batch, P, T = [], [], 0, 0  # P, T: the batch's longest prefix and rest
-    for r in rows:
-        p, t = max(P, r.n_prefix), max(T, len(r.rest))
-        if batch and ((len(batch) + 1) * (p + t + max_new_tokens) > batch_tokens or len(batch) == max_batch):
-            batches.append(batch)
-            batch, p, t = [], r.n_prefix, len(r.rest)
-        batch.append(r)
-        P, T = p, t
-    if batch:
-        batches.append(batch)
-
+    batches = _plan_batches(rows, max_new_tokens, batch_tokens, max_batch)
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt")
     for batch in batches:
-        _run_batch(model, tok, batch, cache, max_new_tokens, temperature, top_p, gen, stop, keep_stop, st,
-                   cuda_graphs)
+        _run_batch(model, tok, batch, cache, sampling, st, cuda_graphs and device.type == "cuda")
         bar.update(len(batch))
         dt = time.perf_counter() - t0
         bar.set_postfix_str(f"{st.prefilled / dt:.0f} prompt + {st.generated / dt:.1f} new tok/s")  # wall time
@@ -218,24 +246,58 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
     return [r.text for r in sorted(rows, key=lambda r: r.index)]
 
 
-def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature, top_p, gen, stop, keep_stop,
-               st: Stats, cuda_graphs: bool):
-    p = next(model.parameters())
-    B = len(rows)
-    P = max(r.n_prefix for r in rows)
-    T = max(len(r.rest) for r in rows)
-    cache = KVCache(model.config, B, P + T + max_new, p.dtype, p.device)
+def _plan_batches(rows: list[_Row], max_new: int, batch_tokens: int, max_batch: int) -> list[list[_Row]]:
+    """Sort by (prefix, length), so that same-database prompts sit together and padding stays small, and cut
+    into batches whose rows * (longest prefix + longest rest + max_new) stays within batch_tokens."""
+    rows.sort(key=lambda r: (r.prefix, len(r.rest)))
+    batches, batch, P, T = [], [], 0, 0  # P, T: the batch's longest prefix and rest
+    for r in rows:
+        p, t = max(P, r.n_prefix), max(T, len(r.rest))
+        if batch and ((len(batch) + 1) * (p + t + max_new) > batch_tokens or len(batch) == max_batch):
+            batches.append(batch)
+            batch, p, t = [], r.n_prefix, len(r.rest)
+        batch.append(r)
+        P, T = p, t
+    return batches + [batch] if batch else batches
 
-    # Lay out each row: prefix at [0, len(prefix)), rest right-aligned to end at slot P+T.
+
+def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampling, st: Stats, graphs: bool):
+    """Prefill the batch, then decode a token per step for every live row until all rows are finished."""
+    cache, logits, positions, slot = _prefill(model, tok, rows, prefix_cache, s.max_new, st)
+    live = list(range(len(rows)))  # live[i] = which row of `rows` cache row i holds
+    finished = []  # cache rows whose row is done but still in the cache (dropped in bulk: a drop copies it)
+    graph = None   # CUDA: this batch's recorded decode step
+    for step in range(s.max_new):
+        tokens = sample(logits, s.temperature, s.top_p, s.generator)
+        finished += _finish_rows(tok, [rows[i] for i in live], tokens.tolist(), s, step == s.max_new - 1, st)
+        if len(finished) == len(live) or step == s.max_new - 1:
+            return
+        if 4 * len(finished) >= len(live):  # drop finished rows once they are a quarter of the batch
+            live, tokens, positions = _compact(cache, live, finished, tokens, positions)
+            finished, graph = [], None  # the graph recorded the old cache: record anew
+        cache.valid[:, slot] = True
+        if graphs:
+            graph = graph or GraphedDecode(model, cache, tokens, positions, slot)
+            logits = graph(tokens, positions, slot)
+        else:
+            logits = _last_logits(model, tokens[:, None], positions[:, None], cache.valid[:, None, None, :slot + 1],
+                                  cache, start=slot)
+        positions, slot = positions + 1, slot + 1
+
+
+def _prefill(model, tok, rows: list[_Row], prefix_cache: PrefixCache, max_new: int, st: Stats):
+    """Lay the batch out in a new cache and run the rows' own tokens: each row's prefix (copied from the
+    prefix cache) at [0, n_prefix), its rest right-aligned to end at slot P+T, so every row's next token
+    lands in slot P+T. Returns (cache, last logits (B, V), next positions (B,), next slot)."""
+    p = next(model.parameters())
+    B, P, T = len(rows), max(r.n_prefix for r in rows), max(len(r.rest) for r in rows)
+    cache = KVCache(model.config, B, P + T + max_new, p.dtype, p.device)
     tokens = torch.full((B, T), tok.pad_id, dtype=torch.long)
     positions = torch.zeros((B, T), dtype=torch.long)
     for b, r in enumerate(rows):
         n, L = r.n_prefix, len(r.rest)
         if n:
-            kv = prefix_cache.get(model, r.prefix, st)
-            for layer in range(len(cache.k)):
-                cache.k[layer][b, :, :n] = kv.k[layer][0]
-                cache.v[layer][b, :, :n] = kv.v[layer][0]
+            _copy_prefix(cache, b, prefix_cache.get(model, r.prefix, st), n)
             cache.valid[b, :n] = True
         tokens[b, T - L:] = torch.tensor(r.rest)
         positions[b, T - L:] = torch.arange(n, n + L)  # rotary positions continue right after the prefix
@@ -244,47 +306,37 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache, max_new, temperature,
     tokens, positions = tokens.to(p.device), positions.to(p.device)
     # Rows of one length with no prefix are plain causal attention: the faster kernel, and no mask to build.
     mask = None if P == 0 and all(len(r.rest) == T for r in rows) else attention_mask(cache.valid, P, T)
-    logits = model(tokens, positions, mask, cache, start=P, logits_for=slice(-1, None))[:, -1]
+    logits = _last_logits(model, tokens, positions, mask, cache, start=P)
+    return cache, logits, positions[:, -1] + 1, P + T
 
-    eos = torch.tensor(tok.eos_ids, device=p.device)
-    next_pos = positions[:, -1] + 1
-    slot = P + T
-    live = list(range(B))  # live[i] = which row of `rows` cache row i holds
-    done_in_cache = []      # rows finished but still in the cache (dropped in bulk: a drop copies the cache)
-    graph = None            # CUDA: this batch's recorded decode step
-    tail = max((len(s) for s in stop), default=0) + 4  # tokens to decode when looking for stop strings
-    for step in range(max_new):
-        nxt = sample(logits, temperature, top_p, gen)
-        is_eos = torch.isin(nxt, eos).tolist()
-        for i, token in enumerate(nxt.tolist()):
-            r = rows[live[i]]
-            if r.text is not None:
-                continue
-            if is_eos[i]:
-                r.text = tok.decode(r.out)
-            else:
-                r.out.append(token)
-                st.generated += 1
-                if stop and any(s in tok.decode(r.out[-tail:]) for s in stop):
-                    r.text = _cut_at_stop(tok.decode(r.out), stop, keep_stop)
-                elif step == max_new - 1:
-                    r.text = tok.decode(r.out)
-            if r.text is not None:
-                done_in_cache.append(i)
-        if len(done_in_cache) == len(live) or step == max_new - 1:
-            break
-        if 4 * len(done_in_cache) >= len(live):  # drop finished rows once they are a quarter of the batch
-            done = set(done_in_cache)
-            keep = [i for i in range(len(live)) if i not in done]
-            idx = torch.tensor(keep, device=p.device)
-            cache.keep_rows(idx)
-            live, nxt, next_pos = [live[i] for i in keep], nxt[idx], next_pos[idx]
-            done_in_cache, graph = [], None  # the graph recorded the old cache: record anew
-        cache.valid[:, slot] = True
-        if p.device.type == "cuda" and cuda_graphs:
-            graph = graph or GraphedDecode(model, cache, nxt, next_pos, slot)
-            logits = graph(nxt, next_pos, slot)
+
+def _compact(cache: KVCache, live: list[int], finished: list[int], tokens, positions):
+    """Drop the finished rows from the cache and the step's inputs, so they stop costing compute."""
+    done = set(finished)
+    kept = [i for i in range(len(live)) if i not in done]
+    idx = torch.tensor(kept, device=tokens.device)
+    cache.keep_rows(idx)
+    return [live[i] for i in kept], tokens[idx], positions[idx]
+
+
+def _finish_rows(tok, rows: list[_Row], tokens: list[int], s: Sampling, last_step: bool, st: Stats) -> list[int]:
+    """Give each unfinished row its new token; returns the indices of the rows that finish with it: at an
+    end-of-sequence token (not kept), a stop string, or the last step."""
+    finished = []
+    for i, (r, token) in enumerate(zip(rows, tokens)):
+        if r.text is not None:
+            continue
+        if token in tok.eos_ids:
+            r.text = tok.decode(r.out)
         else:
-            logits = model(nxt[:, None], next_pos[:, None], cache.valid[:, None, None, :slot + 1], cache,
-                           start=slot)[:, -1]
-        next_pos, slot = next_pos + 1, slot + 1
+            r.out.append(token)
+            st.generated += 1
+            if s.stop and any(x in tok.decode(r.out[-s.stop_tail:]) for x in s.stop):
+                text = tok.decode(r.out)
+                at, x = min((text.find(x), x) for x in s.stop if x in text)  # the earliest stop string
+                r.text = text[:at + len(x)] if s.keep_stop else text[:at]
+            elif last_step:
+                r.text = tok.decode(r.out)
+        if r.text is not None:
+            finished.append(i)
+    return finished

@@ -27,7 +27,7 @@ from .sql import count_tables, used_schema
 from .vote import Candidate, vote
 
 STEPS = ("sl", "nc", "cw")
-MAX_NEW = {"sl": 128, "ts": 256, "nc": 256, "cw": 256}
+MAX_NEW_TOKENS = {"sl": 128, "ts": 256, "nc": 256, "cw": 256}  # per task
 
 
 @dataclass
@@ -77,117 +77,146 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
-    cache, times = PrefixCache(), {}
-    dbs = [open_database(e.db_path) for e in examples]
-    schemas = {db.path: db.schema_prompt(sample_rows=sample_rows) for db in dbs}
-    traces = [Trace(e.question, e.db_id) for e in examples]
+    chain = _Chain(model, tok, examples, fewshot, repair, sample_rows, timeout, generate_fn,
+                   dict(batch_tokens=batch_tokens, reuse_prefix=reuse_prefix, progress=progress))
+    if "sl" in steps:
+        chain.link_schema(recall_sl)
+    chain.write_sql(samples, temperature, seed, base)
+    if "nc" in steps:
+        chain.correct_noise()
+    if "cw" in steps:
+        chain.continue_writing()
+    for i, tr in enumerate(chain.traces):  # the answer: the final SQL (repaired if it fails) and its first rows
+        tr.sql, res = chain.run(i, tr.sql)
+        tr.error, tr.rows = res.error, [list(r) for r in res.rows[:20]]
+    return chain.traces, chain.times
 
-    def ask(task, items, name=None, prefix_cache=cache, lm=model, **kw):
-        """items: (index, prompt parts); returns the answers in order."""
+
+class _Chain:
+    """One run of the chain over a list of examples: its databases, prompts, traces and times per step."""
+
+    def __init__(self, model, tok, examples, fewshot, repair, sample_rows, timeout, generate_fn, generate_kw):
+        self.model, self.tok, self.examples, self.fewshot, self.repair = model, tok, examples, fewshot, repair
+        self.sample_rows, self.timeout = sample_rows, timeout
+        self.generate_fn, self.generate_kw = generate_fn, generate_kw
+        self.cache, self.times = PrefixCache(), {}
+        self.dbs = [open_database(e.db_path) for e in examples]
+        self.schemas = {db.path: db.schema_prompt(sample_rows=sample_rows) for db in self.dbs}
+        self.traces = [Trace(e.question, e.db_id) for e in examples]
+
+    def ask(self, task, items, step=None, prefix_cache=None, lm=None, **kw):
+        """Prompts of one task, items (index, prompt parts), for one step of the chain (named as the task
+        unless given: the pre-SQL, the samples and the base model's answers are TS prompts); returns the
+        answers in order, and counts the step's time."""
         if not items:
             return []
-        t0 = time.perf_counter()
-        outs = generate_fn(lm, tok, [p for _, p in items], max_new_tokens=MAX_NEW[task], stop=prompts.STOP[task],
-                           keep_stop=task == "nc", batch_tokens=batch_tokens, prefix_cache=prefix_cache,
-                           reuse_prefix=reuse_prefix, progress=progress, desc=name or task, **kw)
-        times[name or task] = times.get(name or task, 0.0) + time.perf_counter() - t0
+        t0, step = time.perf_counter(), step or task
+        lm, prefix_cache = self.model if lm is None else lm, self.cache if prefix_cache is None else prefix_cache
+        outs = self.generate_fn(lm, self.tok, [p for _, p in items], max_new_tokens=MAX_NEW_TOKENS[task],
+                                stop=prompts.STOP[task], keep_stop=task == "nc", prefix_cache=prefix_cache,
+                                desc=step, **self.generate_kw, **kw)
+        self.times[step] = self.times.get(step, 0.0) + time.perf_counter() - t0
         return outs
 
-    def full(task, i, e, **kw):
-        return prompts.build(tok, task, schemas[dbs[i].path], e.question, e.evidence, fewshot, **kw)
+    def full(self, task, i, **kw):
+        """Example i's prompt for `task` on its full schema."""
+        e = self.examples[i]
+        return prompts.build(self.tok, task, self.schemas[self.dbs[i].path], e.question, e.evidence, self.fewshot,
+                             **kw)
 
-    def run(i, sql):
+    def run(self, i, sql):
         """(sql, its execution), repaired from the schema first if it fails and a repair runs."""
-        res = dbs[i].execute(sql, timeout=timeout)
-        if res.error is not None and repair and (fixed := repair_sql(sql, dbs[i])):
-            if (res2 := dbs[i].execute(fixed, timeout=timeout)).error is None:
+        db = self.dbs[i]
+        res = db.execute(sql, timeout=self.timeout)
+        if res.error is not None and self.repair and (fixed := repair_sql(sql, db)):
+            if (res2 := db.execute(fixed, timeout=self.timeout)).error is None:
                 return fixed, res2
         return sql, res
 
-    # 1. Schema linking: SL answers and pre-SQL share the full-schema prefix (computed once, cached).
-    if "sl" in steps:
-        sl_outs = ask("sl", [(i, full("sl", i, e)) for i, e in enumerate(examples)])
-        pre_outs = ask("ts", [(i, full("ts", i, e)) for i, e in enumerate(examples)], "pre-sql")
-        for i, tr in enumerate(traces):
+    def link_schema(self, recall_sl: bool):
+        """1. The SL answers, and the pre-SQL (a TS prompt on the full schema), share the full-schema prefix
+        (computed once, cached); what either names makes the pruned schema."""
+        everyone = range(len(self.examples))
+        sl_outs = self.ask("sl", [(i, self.full("sl", i)) for i in everyone])
+        pre_outs = self.ask("ts", [(i, self.full("ts", i)) for i in everyone], step="pre-sql")
+        for i, (db, tr) in enumerate(zip(self.dbs, self.traces)):
             tr.sl_answer, tr.pre_sql = sl_outs[i], prompts.parse_sql(pre_outs[i])
-            linked = prompts.parse_links(tr.sl_answer, dbs[i])
+            linked = prompts.parse_links(tr.sl_answer, db)
             if recall_sl:  # a table named without a column that resolves keeps all its columns
-                linked = {t: cols or {c.name for c in dbs[i].table(t).columns} for t, cols in linked.items()}
-            tr.linked = _merge(linked, used_schema(tr.pre_sql, dbs[i]))
+                linked = {t: cols or {c.name for c in db.table(t).columns} for t, cols in linked.items()}
+            tr.linked = _merge(linked, used_schema(tr.pre_sql, db))
             if tr.linked:
-                tr.pruned_schema = dbs[i].schema_prompt(keep=tr.linked, sample_rows=sample_rows)
+                tr.pruned_schema = db.schema_prompt(keep=tr.linked, sample_rows=self.sample_rows)
 
-    # 2. Text-to-SQL, on the pruned schema where there is one. A pruned prompt is unique to its question: it
-    # goes as token ids (encoded part by part, as in training) with all but its last token one cache level,
-    # which the greedy answer and the samples share, in a cache of their own that dies with this step.
-    items = []
-    for i, (e, tr) in enumerate(zip(examples, traces)):
-        if tr.pruned_schema:
-            parts = tok.encode_parts([prompts.build(tok, "ts", tr.pruned_schema, e.question, e.evidence)])[0]
-            ids = [t for part in parts for t in part]
-            items.append((i, (ids[:-1], ids[-1:])))
-        else:
-            items.append((i, full("ts", i, e)))
-    ts_cache = PrefixCache(max_bytes=1 << 30)
-    for (i, _), out in zip(items, ask("ts", items, prefix_cache=ts_cache)):
-        traces[i].ts_sql = prompts.parse_sql(out)
-    sampled = ask("ts", [it for it in items for _ in range(samples)], "samples", prefix_cache=ts_cache,
-                  temperature=temperature, seed=seed)
-    del ts_cache
-    from_base = ask("ts", items, "base ts", prefix_cache=PrefixCache(max_bytes=1 << 30), lm=base) if base else []
-    for k, (i, _) in enumerate(items):
-        tr = traces[i]
-        cands = [Candidate(tr.ts_sql, "ts")] + ([Candidate(tr.pre_sql, "pre-sql")] if tr.pre_sql else []) + \
-            ([Candidate(prompts.parse_sql(from_base[k]), "base ts")] if base else []) + \
-            [Candidate(prompts.parse_sql(sampled[k * samples + j]), f"sample {j + 1}") for j in range(samples)]
-        written = [c.sql for c in cands]
-        for c in cands:
-            sql, res = run(i, c.sql)
-            c.source += "+repair" if sql != c.sql else ""
-            c.sql, c.error, c.rows = sql, res.error, res.rows
-        tr.sql = tr.vote_sql = cands[vote(cands)].sql
-        tr.candidates = [{"sql": c.sql, "written": w, "source": c.source, "error": c.error, "group": c.group}
-                         for c, w in zip(cands, written)]
+    def write_sql(self, samples: int, temperature: float, seed: int, base):
+        """2. Text-to-SQL, on the pruned schema where there is one, then the vote. A pruned prompt is unique to
+        its question: it goes as token ids (encoded part by part, as in training) with all but its last token
+        one cache level, which the greedy answer and the samples share, in a cache of their own that dies with
+        this step."""
+        items = []
+        for i, (e, tr) in enumerate(zip(self.examples, self.traces)):
+            if tr.pruned_schema:
+                parts = self.tok.encode_parts([prompts.build(self.tok, "ts", tr.pruned_schema, e.question,
+                                                             e.evidence)])[0]
+                ids = [t for part in parts for t in part]
+                items.append((i, (ids[:-1], ids[-1:])))
+            else:
+                items.append((i, self.full("ts", i)))
+        ts_cache = PrefixCache(max_bytes=1 << 30)
+        for (i, _), out in zip(items, self.ask("ts", items, prefix_cache=ts_cache)):
+            self.traces[i].ts_sql = prompts.parse_sql(out)
+        sampled = self.ask("ts", [it for it in items for _ in range(samples)], step="samples",
+                           prefix_cache=ts_cache, temperature=temperature, seed=seed)
+        del ts_cache
+        from_base = self.ask("ts", items, step="base ts", prefix_cache=PrefixCache(max_bytes=1 << 30),
+                             lm=base) if base else []
+        for k, (i, _) in enumerate(items):
+            tr = self.traces[i]
+            cands = [Candidate(tr.ts_sql, "ts")] + ([Candidate(tr.pre_sql, "pre-sql")] if tr.pre_sql else []) + \
+                ([Candidate(prompts.parse_sql(from_base[k]), "base ts")] if base else []) + \
+                [Candidate(prompts.parse_sql(sampled[k * samples + j]), f"sample {j + 1}") for j in range(samples)]
+            written = [c.sql for c in cands]
+            for c in cands:
+                sql, res = self.run(i, c.sql)
+                c.source += "+repair" if sql != c.sql else ""
+                c.sql, c.error, c.rows = sql, res.error, res.rows
+            tr.sql = tr.vote_sql = cands[vote(cands)].sql
+            tr.candidates = [{"sql": c.sql, "written": w, "source": c.source, "error": c.error, "group": c.group}
+                             for c, w in zip(cands, written)]
 
-    # 3. Noise correction with execution feedback, where the candidates disagree: when two or more ran and
-    # all returned one result, NC has little to add (on the validation split it fixed 1 of 187 such answers)
-    # and skipping it saves most of the step's time.
-    if "nc" in steps:
-        todo = [i for i, tr in enumerate(traces) if not _unanimous(tr.candidates)]
-        for tr in traces:
+    def correct_noise(self):
+        """3. Noise correction with execution feedback, where the candidates disagree: when two or more ran
+        and all returned one result, NC has little to add (on the validation split it fixed 1 of 187 such
+        answers) and skipping it saves most of the step's time."""
+        todo = [i for i, tr in enumerate(self.traces) if not _unanimous(tr.candidates)]
+        for tr in self.traces:
             tr.nc, tr.nc_sql = "skipped: candidates agree", tr.sql
-        runs = {i: dbs[i].execute(traces[i].sql, timeout=timeout) for i in todo}
-        items = [(i, full("nc", i, examples[i], sql=traces[i].sql, execution=prompts.describe_execution(runs[i])))
-                 for i in todo]
-        for (i, _), out in zip(items, ask("nc", items)):
-            tr = traces[i]
+        items = [(i, self.full("nc", i, sql=self.traces[i].sql, execution=prompts.describe_execution(
+            self.dbs[i].execute(self.traces[i].sql, timeout=self.timeout)))) for i in todo]
+        for (i, _), out in zip(items, self.ask("nc", items)):
+            tr = self.traces[i]
             tr.nc_answer = out
             ok, fix = prompts.parse_verdict(out)
             if ok:
                 tr.nc = "correct"
             elif fix and fix.strip() != tr.sql.strip():
-                fix, res = run(i, fix)
+                fix, res = self.run(i, fix)
                 tr.nc, tr.sql = ("fixed", fix) if res.error is None else ("fix rejected", tr.sql)
             else:
                 tr.nc = "kept"
             tr.nc_sql = tr.sql
 
-    # 4. Continuation writing for SQL that fails or is complex (3+ tables).
-    if "cw" in steps:
-        todo = [i for i, (db, tr) in enumerate(zip(dbs, traces))
-                if db.execute(tr.sql, timeout=timeout).error is not None or count_tables(tr.sql) >= 3]
+    def continue_writing(self):
+        """4. Continuation writing for SQL that fails or is complex (3+ tables), accepted if it returns rows."""
+        todo = [i for i, (db, tr) in enumerate(zip(self.dbs, self.traces))
+                if db.execute(tr.sql, timeout=self.timeout).error is not None or count_tables(tr.sql) >= 3]
         # "SELECT" without its space: training cuts queries at token boundaries the same way (msft.py)
-        items = [(i, full("cw", i, examples[i], partial="SELECT")) for i in todo]
-        for (i, _), out in zip(items, ask("cw", items)):
-            tr = traces[i]
+        items = [(i, self.full("cw", i, partial="SELECT")) for i in todo]
+        for (i, _), out in zip(items, self.ask("cw", items)):
+            tr = self.traces[i]
             tr.cw_answer = out
-            sql, res = run(i, prompts.parse_sql(out, partial="SELECT"))
+            sql, res = self.run(i, prompts.parse_sql(out, partial="SELECT"))
             if res.error is None and res.rows:
                 tr.cw, tr.sql = "used", sql
             else:
                 tr.cw = "rejected"
-
-    for i, tr in enumerate(traces):
-        tr.sql, res = run(i, tr.sql)
-        tr.error, tr.rows = res.error, [list(r) for r in res.rows[:20]]
-    return traces, times

@@ -36,22 +36,22 @@ class ModelConfig:
     rope_scaling: dict | None = None
 
     @classmethod
-    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict; unknown families and missing fields are errors."""
-        mt = cfg.get("model_type")
+        mt = hf.get("model_type")
         if mt not in ("qwen2", "llama"):
             raise ValueError(f"{source}: unsupported model_type {mt!r} (supported: 'qwen2', 'llama')")
 
         def need(key):
-            if key not in cfg:
+            if key not in hf:
                 raise ValueError(f"{source}: missing field {key!r} for model_type {mt!r}")
-            return cfg[key]
+            return hf[key]
 
         n_heads, hidden = need("num_attention_heads"), need("hidden_size")
-        bias = bool(cfg.get("attention_bias", False))
+        bias = bool(hf.get("attention_bias", False))
         # transformers<5 writes rope_theta + rope_scaling; transformers>=5 folds both into rope_parameters
-        scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        theta = scaling.get("rope_theta", hf.get("rope_theta", 10000.0))
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ("default", "llama3"):
             raise ValueError(f"{source}: rope type {kind!r} is not supported (only 'default' and 'llama3')")
@@ -62,15 +62,15 @@ class ModelConfig:
             intermediate_size=need("intermediate_size"),
             num_hidden_layers=need("num_hidden_layers"),
             num_attention_heads=n_heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hidden // n_heads,
             rms_norm_eps=need("rms_norm_eps"),
             rope_theta=float(theta),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=True if mt == "qwen2" else bias,
             o_bias=False if mt == "qwen2" else bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
             rope_scaling=scaling if kind == "llama3" else None,
         )
 
@@ -111,7 +111,7 @@ def rotate(x, cos, sin):
 
 
 class KVCache:
-    """A static, preallocated cache: per layer, keys and values of shape (batch, kv_heads, slots, head_dim).
+    """A static, preallocated cache: per layer, keys and values of shape (B, kv_heads, S, D).
 
     `valid[b, s]` says whether slot s of row b holds a real token. Rows may have holes (left padding, or the
     gap between a shared prefix and a row's own suffix): attention masks them out, so any layout works as long
@@ -124,6 +124,19 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
 
+    def update(self, layer: int, k, v, start: int, slot: torch.Tensor | None):
+        """Store T new keys/values; return the keys/values they attend over. Either at slots [start, start+T),
+        attending over [0, start+T), or (a CUDA graph: no Python number may change between replays) at the
+        slot held in the tensor `slot`, attending over every slot."""
+        if slot is not None:
+            self.k[layer].index_copy_(2, slot, k)
+            self.v[layer].index_copy_(2, slot, v)
+            return self.k[layer], self.v[layer]
+        T = k.shape[2]
+        self.k[layer][:, :, start:start + T] = k
+        self.v[layer][:, :, start:start + T] = v
+        return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
+
     def keep_rows(self, rows: torch.Tensor):
         """Drop finished rows so they stop costing compute (called rarely: it copies the cache)."""
         self.k = [t.index_select(0, rows) for t in self.k]
@@ -132,6 +145,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention. Shapes, as in the comments below:
+
+        B  batch rows              T  new tokens per row       S  key/value slots attended over
+        H  query heads             K  key/value heads (H = K * rep: `rep` query heads share one kv head)
+        D  head dim                C  hidden size (H * D for the models here)
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -140,31 +160,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, heads, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, kv_heads, T, hd)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int, slot):
+        B, T, _ = x.shape  # x: (B, T, C)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if isinstance(start, torch.Tensor):  # slots as a tensor (a CUDA graph's input): attend over all slots
-            cache.k[layer].index_copy_(2, start, k)
-            cache.v[layer].index_copy_(2, start, v)
-            k, v = cache.k[layer], cache.v[layer]
-        elif cache is not None:  # write the new tokens at slots [start, start+T), attend over [0, start+T)
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-        if mask is None:  # plain causal attention; GQA: each kv head serves n_heads/n_kv query heads
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start, slot)  # (B, K, S, D)
+        if mask is None:  # plain causal attention over these T tokens; each kv head serves `rep` query heads
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
             # GQA by folding: the `rep` query heads that share a kv head become rep*T query rows of that one
-            # head, (B, heads, T, hd) -> (B, kv_heads, rep*T, hd), so each key/value is read once per kv head.
-            # For decoding (T=1) this is ~10x faster on CPU than enable_gqa; the mask is repeated to match.
+            # head, (B, H, T, D) -> (B, K, rep*T, D), so each key/value is read once per kv head; for decoding
+            # (T=1) this is much faster on CPU than enable_gqa (README). The mask is repeated to match.
             rep, S = self.n_heads // self.n_kv, k.shape[2]
             q = q.reshape(B, self.n_kv, rep * T, self.hd)
             mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -186,8 +200,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, *attention_args):
+        x = x + self.self_attn(self.input_layernorm(x), *attention_args)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -201,7 +215,20 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+IGNORE = -100  # a target that is not scored (F.cross_entropy's ignore_index)
+
+
 class Transformer(nn.Module):
+    """One contract per mode, each with a fixed return type:
+
+        hidden(tokens, ...) -> (B, T, C)   the residual stream after the last block (before the final norm)
+        head(h)             -> (..., V)    final norm + output projection of chosen positions' hidden states
+        logits(tokens, ...) -> (B, T, V)   head(hidden(...)) at every position
+        loss(tokens, targets, ...) -> ()   summed cross-entropy over the scored targets, in fp32
+        forward             logits(...), or loss(...) when targets are given: the one call a DDP or FSDP
+                            wrapper passes on, so the trainer reaches the loss through it.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -212,42 +239,48 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.checkpointing = False  # activation checkpointing, switched on by the trainer
 
-    def forward(self, tokens, positions=None, mask=None, cache: KVCache | None = None, start: int = 0,
-                logits_for: torch.Tensor | slice | None = None, targets: torch.Tensor | None = None):
-        """tokens (B, T) -> logits (B, T', vocab).
+    def hidden(self, tokens, positions=None, mask=None, cache: KVCache | None = None, start: int = 0,
+               slot: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> hidden states (B, T, C).
 
-        positions (B, T): rotary positions; default 0..T-1 (training, and prompts without padding).
-        mask (B, 1, T, S) bool: which of the S = start+T cache slots each new token may attend to; None means
-            plain causal attention over these T tokens (training, or one unpadded prompt without a cache).
-        cache, start: write the new keys/values at cache slots [start, start+T). start may also be a (T,) tensor
-            of slots (what a CUDA graph needs: no Python number changes between steps); attention then runs over
-            the whole cache and the mask is (B, 1, T, slots).
-        logits_for: which positions get logits: a slice of T (slice(-1, None) in prefill), or a (B, T) bool mask
-            giving (N, vocab) logits for its N True positions (the answer tokens in training). The lm_head over
-            a 150k vocabulary is the biggest matmul: never compute it for positions nobody reads.
-        targets (N,): instead of logits, return the summed cross-entropy of those N positions against them.
+        positions (B, T): rotary positions; default start..start+T-1.
+        mask (B, 1, T, S) bool: which key/value slots each new token may attend to. None: plain causal
+            attention over these T tokens, for a sequence that starts at slot 0 (training, a first prefill).
+        cache, start: keep the new keys/values at cache slots [start, start+T) and attend over [0, start+T).
+        slot: a (1,) tensor replacing `start` for a CUDA graph's decode step (KVCache.update); the mask then
+            covers every slot of the cache.
         """
         B, T = tokens.shape
+        if mask is None and (start or slot is not None):
+            raise ValueError("mask=None is causal attention from slot 0; tokens written later need a mask")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, hd/2), in fp32 for long contexts
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2), in fp32 for long contexts
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D): broadcast over heads
         x = self.model.embed_tokens(tokens)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, i, start,
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, i, start, slot,
                                                       use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start)
-        if logits_for is not None:
-            x = x[logits_for] if isinstance(logits_for, torch.Tensor) else x[:, logits_for]
-        x = self.model.norm(x)
-        if targets is None:
-            return self.lm_head(x)
-        # Chunks of positions, each recomputed in backward: the fp32 logits of N answer tokens over a 150k
-        # vocabulary take N x 0.6 MB (a batch with 2,000 answer tokens: 1.2 GB, times ~3 with their gradients),
-        # but only one chunk's are ever alive.
+                x = block(x, cos, sin, mask, cache, i, start, slot)
+        return x
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., V). Over a 150k vocabulary this is the biggest matmul: callers
+        pass only the positions they read (generation: each row's last)."""
+        return self.lm_head(self.model.norm(h))
+
+    def logits(self, tokens, positions=None, mask=None, cache: KVCache | None = None, start: int = 0):
+        return self.head(self.hidden(tokens, positions, mask, cache, start))
+
+    def loss(self, tokens, targets, positions=None, mask=None) -> torch.Tensor:
+        """Summed cross-entropy of the positions whose target (B, T) is not IGNORE; the head runs on those
+        positions only. In chunks, each recomputed in backward: the fp32 logits of N scored tokens over a 150k
+        vocabulary take N x 0.6 MB (times ~3 with their gradients), but only one chunk's are ever alive."""
+        keep = targets != IGNORE
+        x, targets = self.model.norm(self.hidden(tokens, positions, mask)[keep]), targets[keep]
         loss = x.new_zeros((), dtype=torch.float32)
         for i in range(0, len(x), 1024):
             loss = loss + torch.utils.checkpoint.checkpoint(self._head_loss, x[i:i + 1024], targets[i:i + 1024],
@@ -257,14 +290,19 @@ class Transformer(nn.Module):
     def _head_loss(self, x, targets):
         return F.cross_entropy(self.lm_head(x).float(), targets, reduction="sum")
 
+    def forward(self, tokens, positions=None, mask=None, targets=None) -> torch.Tensor:
+        if targets is None:
+            return self.logits(tokens, positions, mask)
+        return self.loss(tokens, targets, positions, mask)
+
 
 class PackedLinear(nn.Module):
     """Inference-only stand-in for nn.Linear on CPU, its bf16 weight laid out once for oneDNN's GEMM.
 
     A plain bf16 F.linear lets oneDNN re-block the weight on every call; at decode sizes that costs about as
-    much as the matmul. Measured on a 2-core AVX512-BF16 CPU with Qwen2.5-0.5B: batch-1 decode 42 -> 28 ms per
-    token, batch-16 61 -> 41 ms per step, 600-token prefill +12%. (torch.compile with freezing does the same
-    packing, after a minute of compilation.) Uses torch's internal mkldnn ops, hence `pack_linears` checks them.
+    much as the matmul (README: a third of the decode time of Qwen2.5-0.5B). torch.compile with freezing does
+    the same packing, after a minute of compilation. Uses torch's internal mkldnn ops, hence `pack_linears`
+    checks them.
     """
 
     def __init__(self, linear):

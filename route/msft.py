@@ -251,18 +251,11 @@ def write_jsonl(records, path: Path):
 def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[str]:
     """The SQL a model writes for each example (plain zero-shot TS, as inference runs it): realistic NC
     candidates, with the mistakes this model actually makes. model: a path, or None for the default model."""
-    import torch
-
-    from .hub import resolve_model
+    from .generate import load_for_inference
     from .mcp import run_chain
-    from .model import pack_linears
-    from .tokenizer import Tokenizer
-    from .weights import load_model
 
-    path = resolve_model(model)
-    lm = load_model(path, dtype="bf16", device="cuda" if torch.cuda.is_available() else "cpu")
-    pack_linears(lm)
-    traces, _ = run_chain(lm, Tokenizer.from_dir(path), examples, steps=(), fewshot=False, batch_tokens=batch_tokens)
+    lm, tok = load_for_inference(model)
+    traces, _ = run_chain(lm, tok, examples, steps=(), fewshot=False, batch_tokens=batch_tokens)
     return [t.sql for t in traces]
 
 

@@ -14,7 +14,7 @@ from difflib import get_close_matches
 
 from sqlglot import exp
 
-from .sql import DIALECT, parse
+from .sql import parse, to_sql
 
 CUTOFF = 0.8  # difflib ratio for a near miss: "song_nam"/"song_name" 0.94, "name"/"age" 0.57
 
@@ -170,9 +170,4 @@ def repair(sql: str, db) -> str | None:
             node = node.parent
         changed |= _fix_columns(select, db, outer)
         changed |= _fix_joins(select, db)
-    if not changed:
-        return None
-    try:
-        return tree.sql(dialect=DIALECT)
-    except Exception:  # noqa: BLE001 - sqlglot cannot always write back what it read
-        return None
+    return to_sql(tree) if changed else None

@@ -43,16 +43,13 @@ def format_table(columns, rows, limit: int = SHOW_ROWS, truncated: bool = False)
     return "\n".join(out)
 
 
-def explain(trace) -> str:
-    """What each step of the chain did for one question (the fields of route.mcp.Trace that are set)."""
-    steps = [("SL answer", getattr(trace, "sl_answer", "")),
-             ("linked", ", ".join(f"{t}({', '.join(sorted(c))})" for t, c in getattr(trace, "linked", {}).items())),
-             ("pre-SQL", getattr(trace, "pre_sql", "")),
-             ("TS", getattr(trace, "ts_sql", "")),
-             ("NC", " -> ".join(x for x in (getattr(trace, "nc", ""), getattr(trace, "nc_sql", ""))
-                                if x) if getattr(trace, "nc", "") else ""),
-             ("CW", " -> ".join(x for x in (getattr(trace, "cw", ""), getattr(trace, "cw_answer", "")) if x)
-              if getattr(trace, "cw", "") else "")]
+def explain(t) -> str:
+    """What each step of the chain did for one question (the fields of its route.mcp.Trace that are set)."""
+    steps = [("SL answer", t.sl_answer),
+             ("linked", ", ".join(f"{table}({', '.join(sorted(c))})" for table, c in t.linked.items())),
+             ("pre-SQL", t.pre_sql), ("TS", t.ts_sql),
+             ("NC", " -> ".join(x for x in (t.nc, t.nc_sql) if x) if t.nc else ""),
+             ("CW", " -> ".join(x for x in (t.cw, t.cw_answer) if x) if t.cw else "")]
     shown = [(k, " ".join(str(v).split())) for k, v in steps if v]
     if not shown:
         return "  steps: plain text-to-SQL (no MCP steps ran)"

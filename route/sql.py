@@ -90,19 +90,41 @@ def _statement(text: str, stop_at_blank_line: bool) -> str:
 # -- parsing -----------------------------------------------------------------------------------------------
 
 
+# sqlglot raises ParseError, TokenError, RecursionError, ... on what a model writes: _parse, _tokens and to_sql
+# are this module's only calls into it that can fail, and each turns any failure into None.
+
+def _tree(sql) -> exp.Query | None:
+    """The cached, shared tree of a query (callers in this module only read it), or None."""
+    return _parse(sql) if isinstance(sql, str) and sql.strip() else None
+
+
 @lru_cache(maxsize=8192)
 def _parse(sql: str) -> exp.Query | None:
-    """The cached, shared tree: callers in this module only read it."""
     try:
         trees = [t for t in sqlglot.parse(sql, read=DIALECT, error_level=ErrorLevel.RAISE) if t is not None]
-    except Exception:  # noqa: BLE001 - sqlglot raises ParseError, TokenError, RecursionError, ...
+    except Exception:  # noqa: BLE001
         return None
     return trees[0] if trees and isinstance(trees[0], exp.Query) else None
 
 
+def _tokens(sql: str) -> list | None:
+    try:
+        return sqlglot.Dialect.get_or_raise(DIALECT).tokenize(sql)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def to_sql(tree: exp.Expression) -> str | None:
+    """A tree written back as SQLite SQL, or None (sqlglot cannot always write back what it read)."""
+    try:
+        return tree.sql(dialect=DIALECT)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def parse(sql) -> exp.Query | None:
     """The query's sqlglot tree (a copy the caller may change), or None if it is not a readable query."""
-    tree = _parse(sql) if isinstance(sql, str) and sql.strip() else None
+    tree = _tree(sql)
     return tree.copy() if tree is not None else None
 
 
@@ -110,13 +132,8 @@ def normalize(sql) -> str:
     """A canonical spelling (sqlglot's) when the query parses, else the text with whitespace collapsed."""
     if not isinstance(sql, str):
         return ""
-    tree = _parse(sql) if sql.strip() else None
-    if tree is not None:
-        try:
-            return tree.sql(dialect=DIALECT)
-        except Exception:  # noqa: BLE001
-            pass
-    return " ".join(sql.split())
+    tree = _tree(sql)
+    return (tree is not None and to_sql(tree)) or " ".join(sql.split())
 
 
 def _local(node: exp.Expression | None):
@@ -138,7 +155,7 @@ def _unwrap(node):
 def order_matters(sql: str) -> bool:
     """Does the query order its result at the top level? (Then EX compares rows in order.)
     Text that does not parse falls back to Spider's own test: 'order by' anywhere."""
-    tree = _parse(sql) if isinstance(sql, str) and sql.strip() else None
+    tree = _tree(sql)
     if tree is None:
         return "order by" in " ".join(str(sql).lower().split())
     return _unwrap(tree).args.get("order") is not None
@@ -148,9 +165,8 @@ def remove_distinct(sql: str) -> str:
     """The query without its DISTINCT keywords, as Spider's official EX does unless --keep_distinct."""
     if not isinstance(sql, str) or "distinct" not in sql.lower():  # most queries: skip the tokenizer
         return sql if isinstance(sql, str) else ""
-    try:
-        tokens = sqlglot.Dialect.get_or_raise(DIALECT).tokenize(sql)
-    except Exception:  # noqa: BLE001
+    tokens = _tokens(sql)
+    if tokens is None:
         return re.sub(r"\bdistinct\b", "", sql, flags=re.I)
     for t in reversed([t for t in tokens if t.token_type == sqlglot.TokenType.DISTINCT]):
         sql = sql[:t.start] + sql[t.end + 1:]
@@ -167,7 +183,7 @@ def used_schema(sql: str, db) -> dict[str, set[str]]:
     `t.*` expand to every column of the table (the result depends on all of them); `count(*)` reads no
     column, so its table appears with an empty set. Names the schema does not have are left out.
     """
-    tree = _parse(sql) if isinstance(sql, str) and sql.strip() else None
+    tree = _tree(sql)
     out: dict[str, set[str]] = {}
     if tree is not None:
         _collect(tree, db, out, [], frozenset())
@@ -242,7 +258,7 @@ def _add_star(scopes, qualifier: str, out) -> None:
 
 def count_tables(sql: str) -> int:
     """How many distinct tables the query reads, anywhere in it (CTE names are not tables); 0 if unreadable."""
-    tree = _parse(sql) if isinstance(sql, str) and sql.strip() else None
+    tree = _tree(sql)
     if tree is None:
         return 0
     ctes = {c.alias_or_name.lower() for c in tree.find_all(exp.CTE)}
@@ -262,9 +278,8 @@ def clause_prefixes(sql: str) -> list[str]:
     if not isinstance(sql, str):
         return []
     sql = sql.strip().rstrip(";").rstrip()
-    try:
-        tokens = sqlglot.Dialect.get_or_raise(DIALECT).tokenize(sql)
-    except Exception:  # noqa: BLE001
+    tokens = _tokens(sql)
+    if tokens is None:
         return []
     cuts, depth = [], 0
     for i, t in enumerate(tokens):
@@ -297,7 +312,7 @@ def difficulty(sql: str) -> str:
     nested queries and set operators count once each, a NOT condition in WHERE counts as an aggregate,
     and every AND/OR inside HAVING does too.
     """
-    tree = _parse(sql) if isinstance(sql, str) and sql.strip() else None
+    tree = _tree(sql)
     if tree is None:
         return "unknown"
     comp2 = 0

@@ -51,8 +51,8 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
             raise ValueError(f"{tok_file}: not a readable tokenizer file ({e})") from None
-        cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
-        template = cfg.get("chat_template") or ""
+        settings = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+        template = settings.get("chat_template") or ""
         if not template and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text()
         # EOS ids: a model may stop on several (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>)
@@ -61,13 +61,13 @@ class Tokenizer:
             if (path / f).exists():
                 e = _read_json(path / f).get("eos_token_id")
                 eos += e if isinstance(e, list) else [e] if e is not None else []
-        eos_text = _token_text(cfg.get("eos_token"))
+        eos_text = _token_text(settings.get("eos_token"))
         if eos_text and tok.token_to_id(eos_text) is not None:
             eos.append(tok.token_to_id(eos_text))
         eos = list(dict.fromkeys(eos))  # dedupe, keep order
         if not eos:
             raise ValueError(f"{path}: no EOS token id in generation_config.json, config.json or tokenizer_config.json")
-        return cls(tok, template, eos, _token_text(cfg.get("bos_token")), source=str(path))
+        return cls(tok, template, eos, _token_text(settings.get("bos_token")), source=str(path))
 
     @property
     def vocab_size(self) -> int:

@@ -147,7 +147,7 @@ def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor, positions=Non
     keep = targets != IGNORE
     if positions is not None:
         positions, mask = positions[:, :-1], mask[:, :, :-1, :-1]
-    return model(inputs, positions, mask, logits_for=keep, targets=targets[keep]), int(keep.sum())
+    return model(inputs, positions, mask, targets=targets), int(keep.sum())
 
 
 def accumulate(model, examples, micro: list[list[int]], count: int, tc: TrainConfig, step: int, rank: int,

@@ -190,13 +190,13 @@ def test_tensor_slot_decode_equals_int_slot(engine):
     for _ in range(2):
         kv = KVCache(model.config, 1, S, torch.float32, "cpu")
         kv.valid[:, :T] = True
-        model(ids, cache=kv, start=0)
+        model.hidden(ids, cache=kv)
         kv.valid[:, T] = True
         caches.append(kv)
     nxt, pos = torch.tensor([[7]]), torch.tensor([[T]])
     with torch.no_grad():
-        a = model(nxt, pos, caches[0].valid[:, None, None, :T + 1], caches[0], start=T)
-        b = model(nxt, pos, caches[1].valid[:, None, None, :], caches[1], start=torch.tensor([T]))
+        a = model.hidden(nxt, pos, caches[0].valid[:, None, None, :T + 1], caches[0], start=T)
+        b = model.hidden(nxt, pos, caches[1].valid[:, None, None, :], caches[1], slot=torch.tensor([T]))
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     torch.testing.assert_close(caches[1].k[0], caches[0].k[0], rtol=0, atol=0)
 

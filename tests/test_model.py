@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from route.model import KVCache
+from route.model import IGNORE, KVCache
 from route.weights import load_model, save_model
 from tiny import VOCAB, write_tiny
 
@@ -37,9 +37,10 @@ def test_kv_cache_decoding_equals_full_recompute(pair):
     with torch.no_grad():
         full = m(x)
         cache = KVCache(m.config, 2, 24, torch.float32, "cpu")
-        steps = [m(x[:, :16], cache=cache)]  # prefill 16 tokens, then decode one at a time
+        steps = [m.logits(x[:, :16], cache=cache)]  # prefill 16 tokens, then decode one at a time
         for t in range(16, 24):
-            steps.append(m(x[:, t:t + 1], cache=cache, start=t, mask=torch.ones(2, 1, 1, t + 1, dtype=torch.bool)))
+            mask = torch.ones(2, 1, 1, t + 1, dtype=torch.bool)
+            steps.append(m.logits(x[:, t:t + 1], cache=cache, start=t, mask=mask))
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
 
 
@@ -121,7 +122,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_chunked_head_loss_equals_plain_cross_entropy(tmp_path):
-    """targets= gives the summed cross-entropy through 1,024-position chunks: the same value and gradients
+    """loss() gives the summed cross-entropy through 1,024-position chunks: the same value and gradients
     as cross-entropy over the full logits (here 2,400 positions, 3 chunks)."""
     import torch.nn.functional as F
 
@@ -131,11 +132,11 @@ def test_chunked_head_loss_equals_plain_cross_entropy(tmp_path):
     inputs, targets = x[:, :-1], x[:, 1:]
     keep = torch.ones_like(targets, dtype=torch.bool)
     keep[0, :100] = False
-    plain = F.cross_entropy(m(inputs, logits_for=keep), targets[keep], reduction="sum")
+    plain = F.cross_entropy(m.head(m.hidden(inputs)[keep]), targets[keep], reduction="sum")
     plain.backward()
     want = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    chunked = m(inputs, logits_for=keep, targets=targets[keep])
+    chunked = m.loss(inputs, targets.masked_fill(~keep, IGNORE))
     chunked.backward()
     assert int(keep.sum()) > 2048 and torch.allclose(chunked, plain, rtol=1e-5)
     for n, p in m.named_parameters():  # fp32 sums over 2,400 positions in another order: relative to the scale

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-IGNORE = -100  # label of tokens without loss (prompt and padding), as in PyTorch and transformers
+from .model import IGNORE  # label of tokens without loss (prompt and padding)
 
 
 def pack_shared_prefix(examples: list[dict], max_len: int, seed: int = 0) -> list[dict]:

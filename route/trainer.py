@@ -140,7 +140,8 @@ def lr_at(step: int, total: int, tc: TrainConfig) -> float:
 def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor, positions=None, mask=None):
     """(summed cross-entropy over answer tokens, their count). Position t predicts token t+1.
 
-    The head runs on answer positions only (logits_for=keep), a chunk at a time: never (B, T, vocab) logits.
+    The head runs on answer positions only (model.loss skips IGNORE targets), a chunk at a time: never
+    (B, T, vocab) logits.
     The loss is computed inside the model's forward, so `model` may be a DDP or FSDP wrapper.
     """
     inputs, targets = tokens[:, :-1], labels[:, 1:]  # the last token is only ever a target

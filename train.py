@@ -28,7 +28,7 @@ def parse_args(argv=None):
                     help="gold SQL in the schema's spelling and sqlglot's layout (measured: no gain, see the card)")
     ap.add_argument("--nc-from-model", action="store_true",
                     help="when building the data, add NC candidates that the base model writes (slow: one TS pass)")
-    ap.add_argument("--limit", type=int, default=900, help="training questions used (each gives up to 4 records); "
+    ap.add_argument("--limit", type=int, default=1800, help="training questions used (each gives up to 4 records); "
                     "0: all")
     ap.add_argument("--out", default="runs/route", help="checkpoints, metrics and the result go here")
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
@@ -36,14 +36,16 @@ def parse_args(argv=None):
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--lr", type=float, default=None, help="default: 3e-4 for LoRA, 1e-5 for --full (TrainConfig)")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--max-steps", type=int, default=105,
+    ap.add_argument("--max-steps", type=int, default=40,
                     help="stop after this many steps (the cosine schedule ends there); default: the shipped "
-                    "adapter's recipe, 58%% of an epoch of the default data (README: its time); 0: run --epochs")
-    ap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per micro-batch")
-    ap.add_argument("--grad-accum", type=int, default=1)
+                    "adapter's recipe, 24%% of an epoch of the default data (its card: the time); 0: run --epochs")
+    ap.add_argument("--batch-tokens", type=int, default=4096,
+                    help="padded tokens per micro-batch (activations: about 1.7 MB a token in bf16)")
+    ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--max-len", type=int, default=1024, help="longer examples are dropped, never cut")
-    ap.add_argument("--pack", action="store_true",
-                    help="pack records of one database behind one copy of their schema prefix (route/packing.py)")
+    ap.add_argument("--no-pack", dest="pack", action="store_false",
+                    help="one record per row, instead of the records of one database packed behind one copy of "
+                    "their schema prefix (route/packing.py)")
     ap.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--save-every", type=int, default=25)

@@ -217,10 +217,11 @@ def lengths(tiny, path: Path, tasks=("ts", "sl", "nc", "cw")) -> list[int]:
 
 @pytest.fixture(scope="module")
 def trained(tiny, demo_train, tmp_path_factory):
-    """train.py building the MSFT data from the demo questions, then training 3 steps on all of it."""
+    """train.py building the MSFT data from the demo questions, then training 3 steps on all of it, one record
+    per row (--no-pack) so that its examples can be counted against the records (the other runs pack)."""
     root = tmp_path_factory.mktemp("train")
     proc = ok(train(tiny, demo_train, root / "msft", root / "run", "--max-steps", 3, "--save-every", 0,
-                    "--eval-every", 0, "--max-len", 100_000))
+                    "--eval-every", 0, "--max-len", 100_000, "--no-pack"))
     return root / "msft", root / "run", proc
 
 
@@ -261,7 +262,7 @@ def test_train_drops_long_examples(tiny, demo_train, trained, tmp_path):
     assert 0 < longer < len(n)
     out = tmp_path / "run"
     proc = ok(train(tiny, demo_train, msft, out, "--max-steps", 1, "--save-every", 0, "--eval-every", 0,
-                    "--max-len", max_len))
+                    "--max-len", max_len, "--no-pack"))  # packed, the count would be of rows, not records
     assert f"dropped {longer} of {len(n)}" in proc.stdout + proc.stderr
     held_out_longer = sum(x > max_len for x in held_out)
     if held_out_longer:

@@ -23,7 +23,7 @@ def parse_args(argv=None):
     ap.add_argument("--tasks", default="all", help="all, or a comma list of ts,sl,nc,cw")
     ap.add_argument("--model", default=None, help="HF-format directory or .gguf (default: Qwen2.5-Coder-0.5B)")
     ap.add_argument("--data", default=str(SPIDER), help="Spider or BIRD root with its training split")
-    ap.add_argument("--msft", default=None, help="MSFT data directory (default: data/msft/<seed>-<limit>)")
+    ap.add_argument("--msft", default=None, help="MSFT data directory (default: data/msft/heldout-seed<seed>-limit<limit>...)")
     ap.add_argument("--canonical-targets", action="store_true",
                     help="gold SQL in the schema's spelling and sqlglot's layout (measured: no gain, see the card)")
     ap.add_argument("--nc-from-model", action="store_true",
@@ -40,14 +40,15 @@ def parse_args(argv=None):
                     help="stop after this many steps (the cosine schedule ends there); default: the shipped "
                     "adapter's recipe, 24%% of an epoch of the default data (its card: the time); 0: run --epochs")
     ap.add_argument("--batch-tokens", type=int, default=4096,
-                    help="padded tokens per micro-batch (activations: about 1.7 MB a token in bf16)")
+                    help="padded tokens per micro-batch (memory grows with it: README, Training loop)")
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--max-len", type=int, default=1024, help="longer examples are dropped, never cut")
     ap.add_argument("--no-pack", dest="pack", action="store_false",
                     help="one record per row, instead of the records of one database packed behind one copy of "
                     "their schema prefix (route/packing.py)")
     ap.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
-    ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=40,
+                    help="held-out loss at step 0 and every N steps; 0: only the final one (always run)")
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

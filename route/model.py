@@ -1,12 +1,10 @@
 """The decoder-only transformer behind every ROUTE task: Qwen2/Qwen2.5 and Llama (2, 3, SmolLM2).
 
-One readable module in the spirit of gpt-fast: RMSNorm, rotary embeddings, grouped-query attention through
-`F.scaled_dot_product_attention` over an optional KV cache, and a SwiGLU MLP. Parameter names follow the
-Hugging Face checkpoints (`model.layers.0.self_attn.q_proj.weight`, ...) so that weights load by name, LoRA
-adapters get PEFT's key names for free, and a fine-tuned model saves back into the same format.
-
-The model is pure math: it knows nothing about prompts, padding policy or SQL. The caller (generate.py for
-inference, trainer.py for training) says where new tokens go in the cache and which cache slots they may see.
+In the spirit of gpt-fast: RMSNorm, rotary embeddings, grouped-query attention through
+F.scaled_dot_product_attention over an optional KV cache, and a SwiGLU MLP. Parameter names are Hugging Face's
+(`model.layers.0.self_attn.q_proj.weight`) so weights load by name, LoRA adapters get PEFT's key names, and a
+fine-tuned model saves back in the same format. The model is pure math: the caller (generate.py, trainer.py) says
+where new tokens go in the cache and which cache slots they may see.
 """
 import math
 from dataclasses import dataclass
@@ -55,24 +53,14 @@ class ModelConfig:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ("default", "llama3"):
             raise ValueError(f"{source}: rope type {kind!r} is not supported (only 'default' and 'llama3')")
-        return cls(
-            model_type=mt,
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"),
-            num_attention_heads=n_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hidden // n_heads,
-            rms_norm_eps=need("rms_norm_eps"),
-            rope_theta=float(theta),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=True if mt == "qwen2" else bias,
-            o_bias=False if mt == "qwen2" else bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            rope_scaling=scaling if kind == "llama3" else None,
-        )
+        return cls(model_type=mt, vocab_size=need("vocab_size"), hidden_size=hidden,
+                   intermediate_size=need("intermediate_size"), num_hidden_layers=need("num_hidden_layers"),
+                   num_attention_heads=n_heads, num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+                   head_dim=hf.get("head_dim") or hidden // n_heads, rms_norm_eps=need("rms_norm_eps"),
+                   rope_theta=float(theta), max_position_embeddings=hf.get("max_position_embeddings", 4096),
+                   tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                   qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
+                   mlp_bias=bool(hf.get("mlp_bias", False)), rope_scaling=scaling if kind == "llama3" else None)
 
 
 class RMSNorm(nn.Module):
@@ -82,8 +70,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 (as the reference implementations do), then scale in the weight's dtype.
-        x32 = x.float()
+        x32 = x.float()  # normalise in fp32 (as the reference implementations do), scale in the weight's dtype
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -111,12 +98,9 @@ def rotate(x, cos, sin):
 
 
 class KVCache:
-    """A static, preallocated cache: per layer, keys and values of shape (B, kv_heads, S, D).
-
-    `valid[b, s]` says whether slot s of row b holds a real token. Rows may have holes (left padding, or the
-    gap between a shared prefix and a row's own suffix): attention masks them out, so any layout works as long
-    as each row's tokens sit in slot order.
-    """
+    """A static, preallocated cache: per layer, keys and values (B, kv_heads, S, D); `valid[b, s]`: slot s of row b
+    holds a real token. Rows may have holes (left padding, the gap between a shared prefix and a row's own suffix):
+    attention masks them out, so any layout works as long as each row's tokens sit in slot order."""
 
     def __init__(self, cfg: ModelConfig, batch: int, slots: int, dtype, device):
         shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
@@ -145,12 +129,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention. Shapes, as in the comments below:
-
-        B  batch rows              T  new tokens per row       S  key/value slots attended over
-        H  query heads             K  key/value heads (H = K * rep: `rep` query heads share one kv head)
-        D  head dim                C  hidden size (H * D for the models here)
-    """
+    """Grouped-query attention. Shapes: B batch rows, T new tokens per row, S key/value slots attended over,
+    H query heads, K key/value heads (H = K * rep: `rep` query heads share one kv head), D head dim, C hidden size."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -225,8 +205,7 @@ class Transformer(nn.Module):
         head(h)             -> (..., V)    final norm + output projection of chosen positions' hidden states
         logits(tokens, ...) -> (B, T, V)   head(hidden(...)) at every position
         loss(tokens, targets, ...) -> ()   summed cross-entropy over the scored targets, in fp32
-        forward             logits(...), or loss(...) when targets are given: the one call a DDP or FSDP
-                            wrapper passes on, so the trainer reaches the loss through it.
+        forward             logits(...), or loss(...) given targets: the one call a DDP/FSDP wrapper passes on
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -241,9 +220,7 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens, positions=None, mask=None, cache: KVCache | None = None, start: int = 0,
                slot: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> hidden states (B, T, C).
-
-        positions (B, T): rotary positions; default start..start+T-1.
+        """tokens (B, T) -> hidden states (B, T, C). positions (B, T): rotary positions; default start..start+T-1.
         mask (B, 1, T, S) bool: which key/value slots each new token may attend to. None: plain causal
             attention over these T tokens, for a sequence that starts at slot 0 (training, a first prefill).
         cache, start: keep the new keys/values at cache slots [start, start+T) and attend over [0, start+T).
@@ -291,23 +268,17 @@ class Transformer(nn.Module):
         return F.cross_entropy(self.lm_head(x).float(), targets, reduction="sum")
 
     def forward(self, tokens, positions=None, mask=None, targets=None) -> torch.Tensor:
-        if targets is None:
-            return self.logits(tokens, positions, mask)
-        return self.loss(tokens, targets, positions, mask)
+        return self.logits(tokens, positions, mask) if targets is None else self.loss(tokens, targets, positions, mask)
 
 
 class PackedLinear(nn.Module):
-    """Inference-only stand-in for nn.Linear on CPU, its bf16 weight laid out once for oneDNN's GEMM.
-
-    A plain bf16 F.linear lets oneDNN re-block the weight on every call; at decode sizes that costs about as
-    much as the matmul (README: a third of the decode time of Qwen2.5-0.5B). torch.compile with freezing does
-    the same packing, after a minute of compilation. Uses torch's internal mkldnn ops, hence `pack_linears`
-    checks them.
-    """
+    """Inference-only stand-in for nn.Linear on CPU, its bf16 weight laid out once for oneDNN's GEMM. A plain bf16
+    F.linear re-blocks the weight on every call, at decode sizes about as costly as the matmul (README: a third of
+    Qwen2.5-0.5B's decode time); torch.compile with freezing packs too, after a minute of compilation. Uses torch's
+    internal mkldnn ops, hence `pack_linears` checks them."""
 
     def __init__(self, linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 16)  # 16: batch-size hint
         self.bias = None if linear.bias is None else linear.bias.detach()
 
@@ -316,11 +287,8 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap the bf16 CPU linear layers of an inference model for PackedLinear; returns how many.
-
-    Plain nn.Linear and merged LoRA layers (whose forward is then a plain linear) qualify. A no-op where torch
-    lacks the ops (other builds, GPUs): the model stays correct, just slower.
-    """
+    """Swap the bf16 CPU linear layers of an inference model (plain nn.Linear, and merged LoRA layers) for
+    PackedLinear; returns how many. A no-op where torch lacks the ops (other builds, GPUs): correct, just slower."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return 0
     n = 0

@@ -3,20 +3,17 @@
 ROUTE's workload is prefill-bound: thousands of prompts of 0.5-4k tokens (schema + sample rows + question)
 with answers of 30-60 tokens. Three ideas keep it fast:
 
-1. Shared-prefix reuse. A prompt may come in parts, e.g. (system + schema, task instructions, question).
-   Every cut is a cache point: prompts about the same database share their first part, those of the same
-   task share the second, so those keys/values are computed once (each level extending the one before),
-   kept in a PrefixCache across calls, and copied into each row's cache; only the short rest is prefilled.
-2. Length-bucketed batches under a token budget: prompts are sorted by (prefix, length) and packed while
+1. Shared-prefix reuse. A prompt may come in parts, e.g. (system + schema, task instructions, question); each
+   cut is a cache level (same database: same first part; same task: same second), computed once by extending
+   the level before, kept in a PrefixCache across calls, copied into each row's cache: only the rest is prefilled.
+2. Length-bucketed batches: prompts sorted by (prefix, length), packed while
    batch * (longest prefix + longest rest + max_new_tokens) stays within `batch_tokens`.
-3. A static cache per batch with a validity mask. Row b's cache is [its prefix][holes][its rest, right-
-   aligned], so every row's next token lands in the same slot and one decode step serves the whole batch;
-   holes are masked out. Finished rows are dropped from the batch so they stop costing compute.
+3. A static cache per batch with a validity mask. Row b's cache is [its prefix][holes][its rest, right-aligned],
+   so every row's next token lands in the same slot and one decode step serves the whole batch. Finished rows
+   are dropped so they stop costing compute. On CUDA the decode step is a CUDA graph (GraphedDecode).
 
-On CUDA the decode step is a CUDA graph (GraphedDecode): recorded once per batch, replayed per token.
-
-Reading order: generate() -> _plan_batches -> _run_batch, which is _prefill (lay the batch out, run the
-prompts), then per step: sample, _finish_rows, _compact (drop finished rows), one decode step.
+Reading order: generate() -> _plan_batches -> _run_batch: _prefill (lay the batch out, run the prompts), then
+per step: sample, _finish_rows, drop finished rows, one decode step.
 """
 import time
 from collections import OrderedDict
@@ -155,12 +152,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 class GraphedDecode:
     """CUDA: one decode step recorded as a CUDA graph for a batch's rows and cache, then replayed per token.
 
-    A decode step of a small model is hundreds of small kernels; launched one at a time from Python they take
-    longer than the GPU needs to run them. Replaying a recorded graph is one launch. A graph replays fixed
-    addresses, so every step copies its inputs into fixed buffers, the cache slot is a tensor, and attention
-    runs over the whole cache (unwritten slots masked). Recording costs about two eager steps; a batch is
-    recorded anew when finished rows are dropped from it.
-    """
+    A small model's decode step is hundreds of small kernels, slower to launch from Python than to run; a graph
+    is one launch. It replays fixed addresses, so each step copies its inputs into fixed buffers, the cache slot
+    is a tensor, and attention runs over the whole cache (unwritten slots masked). Recording costs about two eager
+    steps; a batch is recorded anew when finished rows are dropped from it."""
 
     def __init__(self, model: Transformer, cache: KVCache, tokens, positions, slot: int):
         self.tokens, self.positions = tokens[:, None].clone(), positions[:, None].clone()
@@ -216,14 +211,11 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
              reuse_prefix: bool = True, cuda_graphs: bool = True,
              stats: Stats | None = None, progress: bool = True, desc: str = "generate") -> list[str]:
     """Complete each prompt; returns the completions (special tokens cut, and stop strings unless keep_stop)
-    in prompt order.
-
-    A prompt is a string, or a tuple of strings (or token-id lists) whose token ids are concatenated; each
-    part but the last is a cache level, and prompts with the same leading parts share their KV cache
-    (reuse_prefix=False runs every prompt in full instead: slower, and the same outputs in fp32; in bf16 the
-    two orders of computation round differently, which can flip a greedy choice now and then).
-    On CUDA, cuda_graphs=True replays each batch's decode step as a CUDA graph (GraphedDecode).
-    """
+    in prompt order. A prompt is a string, or a tuple of strings (or token-id lists) whose token ids are
+    concatenated; each part but the last is a cache level, and prompts with the same leading parts share their KV
+    cache (reuse_prefix=False runs every prompt in full: slower, and the same outputs in fp32; in bf16 the two
+    orders of computation round differently, which can flip a greedy choice now and then). On CUDA, cuda_graphs
+    replays each batch's decode step as a CUDA graph (GraphedDecode)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
@@ -273,7 +265,10 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampl
         if len(finished) == len(live) or step == s.max_new - 1:
             return
         if 4 * len(finished) >= len(live):  # drop finished rows once they are a quarter of the batch
-            live, tokens, positions = _compact(cache, live, finished, tokens, positions)
+            kept = [i for i in range(len(live)) if i not in finished]
+            idx = torch.tensor(kept, device=tokens.device)
+            cache.keep_rows(idx)
+            live, tokens, positions = [live[i] for i in kept], tokens[idx], positions[idx]
             finished, graph = [], None  # the graph recorded the old cache: record anew
         cache.valid[:, slot] = True
         if graphs:
@@ -308,15 +303,6 @@ def _prefill(model, tok, rows: list[_Row], prefix_cache: PrefixCache, max_new: i
     mask = None if P == 0 and all(len(r.rest) == T for r in rows) else attention_mask(cache.valid, P, T)
     logits = _last_logits(model, tokens, positions, mask, cache, start=P)
     return cache, logits, positions[:, -1] + 1, P + T
-
-
-def _compact(cache: KVCache, live: list[int], finished: list[int], tokens, positions):
-    """Drop the finished rows from the cache and the step's inputs, so they stop costing compute."""
-    done = set(finished)
-    kept = [i for i in range(len(live)) if i not in done]
-    idx = torch.tensor(kept, device=tokens.device)
-    cache.keep_rows(idx)
-    return [live[i] for i in kept], tokens[idx], positions[idx]
 
 
 def _finish_rows(tok, rows: list[_Row], tokens: list[int], s: Sampling, last_step: bool, st: Stats) -> list[int]:

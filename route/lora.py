@@ -4,14 +4,11 @@ A frozen weight W (out x in) gets a trainable update B @ A with A (r x in) and B
 
     y = x W^T + bias + (dropout(x) A^T B^T) * alpha / r
 
-B starts at zero, so a fresh adapter changes nothing. Only A and B train: the optimizer state is tiny and the
-backward pass computes input gradients through W but never W's own gradient (hence ~4N FLOPs per token rather
-than full fine-tuning's 6N). A and B stay in fp32 (they are the master weights the optimizer updates), while
-the frozen model may be bf16.
-
-Files use PEFT's layout: `adapter_config.json` + `adapter_model.safetensors` with keys like
-`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so PEFT and vLLM load our adapters and we
-load theirs. `export_merged` folds the adapters into the weights and writes a plain HF-format checkpoint.
+B starts at zero, so a fresh adapter changes nothing. Only A and B train, in fp32 (the optimizer's master weights;
+the frozen model may be bf16): backward computes input gradients through W but never W's own gradient (~4N FLOPs
+per token rather than full fine-tuning's 6N). Files use PEFT's layout (`adapter_config.json` +
+`adapter_model.safetensors`, keys like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so PEFT
+and vLLM load our adapters and we load theirs.
 """
 import json
 import math
@@ -27,6 +24,7 @@ from safetensors.torch import save_file
 from .files import atomic_file, read_json_file
 from .weights import as_dtype, save_model
 
+# every projection, attention and MLP: targeting all matters more for quality than rank (QLoRA, section 4)
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> the transformers model
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -56,11 +54,10 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        # The low-rank path runs in the compute dtype (bf16 under autocast or with a bf16 model), not fp32:
-        # upcasting x would copy the whole activation at twice its size and run the skinny matmuls at fp32 speed
-        # (README, "Measures", has the cost against PEFT's fp32 branch). A and B remain fp32 master weights: the
-        # casts below are differentiable, so their gradients arrive in fp32. The scaling is folded into B
-        # (out x r, tiny) rather than applied to the (tokens x out) result.
+        # The low-rank path runs in the compute dtype (bf16 under autocast or with a bf16 model), not fp32: upcasting
+        # x would copy the whole activation at twice its size and run the skinny matmuls at fp32 speed (README,
+        # "Measures"). The casts are differentiable, so the fp32 A and B get fp32 gradients. The scaling is folded
+        # into B (out x r, tiny) rather than applied to the (tokens x out) result.
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         a, b = self.lora_A.to(dt), (self.lora_B * self.scaling).to(dt)
         return y + F.linear(F.linear(self.dropout(x), a), b)
@@ -92,11 +89,9 @@ def _targeted(name: str, module: nn.Module, targets) -> bool:
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
              targets=ALL_TARGETS) -> nn.Module:
-    """Wrap the targeted nn.Linear layers in place and freeze every other parameter; returns the model.
-
-    Defaults: all seven projections (attention and MLP) at rank 16, alpha 32. Dropout defaults to 0 (as in
-    LLaMA-Factory): it costs a masked copy of every adapter input, and multitask SFT data is not tiny.
-    """
+    """Wrap the targeted nn.Linear layers in place and freeze every other parameter; returns the model. Dropout
+    defaults to 0 (as in LLaMA-Factory): it costs a masked copy of every adapter input, and multitask SFT data is
+    not tiny."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters")
     chosen = [(n, m) for n, m in model.named_modules() if _targeted(n, m, targets)]
@@ -116,41 +111,25 @@ def _swap(model: nn.Module, name: str, module: nn.Module):
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module):
-    """W <- W + alpha/r * B A, computed in fp32 and rounded once to W's dtype. The adapters stay, unused."""
+def merge_lora(model: nn.Module, merge: bool = True):
+    """W <- W + alpha/r * B A, computed in fp32 and rounded once to W's dtype; the adapters stay, unused.
+    merge=False undoes it, exactly up to rounding (fp32: ~1e-7; a bf16 W comes back within one bf16 ulp)."""
     for m in lora_modules(model).values():
-        if not m.merged:
-            m.weight.copy_((m.weight.float() + m.delta()).to(m.weight.dtype))
-            m.merged = True
+        if m.merged != merge:
+            delta = m.delta() if merge else -m.delta()
+            m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+            m.merged = merge
 
 
-@torch.no_grad()
 def unmerge_lora(model: nn.Module):
-    """Undo merge_lora. Exact up to rounding: in fp32 to ~1e-7; a bf16 W comes back within one bf16 ulp."""
-    for m in lora_modules(model).values():
-        if m.merged:
-            m.weight.copy_((m.weight.float() - m.delta()).to(m.weight.dtype))
-            m.merged = False
-
-
-def adapter_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A and B under PEFT's key names, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to(dtype).contiguous().cpu()
-        out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to(dtype).contiguous().cpu()
-    return out
+    merge_lora(model, merge=False)
 
 
 def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | Path | None = None,
                  dtype: torch.dtype | str = torch.bfloat16):
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout.
-
-    bf16 by default: the adapter is applied to bf16 weights anyway (vLLM casts it to the model's dtype), and it
-    halves the file: rank 16 on all seven projections of Qwen2.5-0.5B is 8.8M parameters, 17.6 MB in bf16
-    (35 MB in fp32). Targeting every projection matters more for quality than rank (QLoRA, section 4), so we
-    keep all seven targets and store bf16. Training checkpoints keep fp32 (see checkpoint.py).
-    """
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout. bf16 by default: the adapter is
+    applied to bf16 weights anyway (vLLM casts it to the model's dtype), and it halves the file (rank 16 on all
+    seven projections of Qwen2.5-0.5B: 17.6 MB). Training checkpoints keep fp32 (see checkpoint.py)."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters to save")
@@ -171,7 +150,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | Path
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with atomic_file(path / CONFIG) as config_tmp, atomic_file(path / WEIGHTS) as weights_tmp:
-        save_file(adapter_state_dict(model, dtype), weights_tmp, metadata={"format": "pt"})
+        state = {f"{PREFIX}{n}.lora_{w}.weight": getattr(m, f"lora_{w}").detach().to(dtype).contiguous().cpu()
+                 for n, m in mods.items() for w in "AB"}  # PEFT's key names
+        save_file(state, weights_tmp, metadata={"format": "pt"})
         config_tmp.write_text(json.dumps(adapter_cfg, indent=2))
 
 
@@ -236,12 +217,9 @@ def load_adapter(model: nn.Module, path: str | Path, dropout: float | None = Non
 
 
 def export_merged(model: nn.Module, path: str | Path, base_model_path: str | Path, dtype=None):
-    """Write base + adapters as one plain HF-format model directory (config, weights, tokenizer files).
-
-    `model` is left untouched: each LoRALinear is swapped, for the save only, for an nn.Linear holding a new
-    merged weight (fp32 math, rounded once to `dtype` or the weight's dtype, built on the CPU, where
-    save_model puts everything anyway) and the original bias, so the files carry the base model's names.
-    """
+    """Write base + adapters as one plain HF-format model directory (config, weights, tokenizer files). `model` is
+    left untouched: for the save only, each LoRALinear is swapped for an nn.Linear holding the original bias and a
+    new merged weight (fp32 math, rounded once to `dtype` or the weight's dtype, built on the CPU)."""
     base_model_path = Path(base_model_path)
     hf_config = read_json_file(base_model_path / "config.json")
     dtype = as_dtype(dtype)

@@ -3,15 +3,11 @@
     python -m route.export --adapter adapters/qwen2.5-coder-0.5b-route --out runs/merged [--dtype bf16|fp32]
     python -m route.export --adapter runs/route/adapter --model BASE_DIR --out runs/merged
 
-The result is a plain checkpoint: config.json (with the dtype the files really hold), model.safetensors,
-the base's tokenizer and generation config, and a README naming the base model, the adapter and the license.
-transformers (`AutoModelForCausalLM.from_pretrained(OUT)`), vLLM (`vllm serve OUT`) and route
-(`infer.py --model OUT`) load it with no PEFT and no LoRA code, and serving it costs nothing extra per token.
-
-The base: --model, else the adapter's `base_model_name_or_path` when that is a local model directory, else
-route's default model (the one the shipped adapter was trained on). The base is loaded in fp32 so the merge
-W + alpha/r * B A is computed in fp32 and rounded once, to --dtype (default: the base's own dtype);
-route.lora.export_merged does the merge and the writing.
+The result is a plain checkpoint (config.json with the dtype the files really hold, model.safetensors, the base's
+tokenizer files, a README naming base, adapter and license) that transformers, vLLM and `infer.py --model OUT`
+load with no PEFT or LoRA code, at no extra cost per token. The base: --model, else the adapter's
+`base_model_name_or_path` when that is a local model directory, else route's default model. It is loaded in fp32,
+so W + alpha/r * B A is computed in fp32 and rounded once, to --dtype (default: the base's own dtype).
 """
 import argparse
 import json
@@ -35,16 +31,11 @@ def base_for(adapter_cfg: dict, model: str | None = None) -> Path:
     return hub.resolve_model(None)
 
 
-def _about(base: Path) -> tuple[str, str, str]:
-    """(what the base is, where it comes from, its license), from the provenance route.convert writes."""
-    prov = base / "provenance.json"
-    about = json.loads(prov.read_text()).get("about", {}) if prov.is_file() else {}
-    return (about.get("name") or base.name, about.get("upstream") or "",
-            about.get("license") or "the base model's license (see its model card)")
-
-
 def write_card(out: Path, base: Path, adapter: Path, adapter_cfg: dict, dtype: str, command: str):
-    name, upstream, license_ = _about(base)
+    prov = base / "provenance.json"  # what the base is, where from, its license: as route.convert wrote them
+    about = json.loads(prov.read_text()).get("about", {}) if prov.is_file() else {}
+    name, upstream = about.get("name") or base.name, about.get("upstream") or ""
+    license_ = about.get("license") or "the base model's license (see its model card)"
     card = adapter / "README.md"
     if card.is_file():  # the adapter's card travels with the weights it shaped: its data, results and terms
         (out / "ADAPTER_CARD.md").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")

@@ -1,14 +1,15 @@
 """Text <-> token ids through the `tokenizers` library, plus chat formatting written as plain code.
 
-Checkpoints ship their chat format as a Jinja template; rather than bring in a template engine at run time we
-write the two formats this project supports (ChatML for Qwen2 and SmolLM2, and Llama-3's header format) by
-hand, and the tests check them against the checkpoint's own template rendered by jinja2.
+Checkpoints ship their chat format as a Jinja template; rather than bring in a template engine at run time we write
+the two formats supported (ChatML for Qwen2 and SmolLM2, Llama-3's headers) by hand, and the tests check them
+against the checkpoint's own template rendered by jinja2.
 """
-import json
 import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+
+from .files import read_json_file
 
 
 def _token_text(tok) -> str | None:
@@ -16,19 +17,10 @@ def _token_text(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, chat_template: str, eos_ids: list[int], bos: str | None,
                  source: str = "tokenizer"):
-        self.tok = tok
-        self.eos_ids = eos_ids
-        self.bos = bos
+        self.tok, self.eos_ids, self.pad_id, self.bos = tok, eos_ids, eos_ids[0], bos
         if "<|im_start|>" in chat_template:
             self.format = "chatml"
         elif "<|start_header_id|>" in chat_template:
@@ -39,7 +31,6 @@ class Tokenizer:
         # "You are Qwen, created by Alibaba Cloud..."). It is a literal in the template: read it from there.
         m = re.search(r"<\|im_start\|>system\\n([^'\"{}+]+?)<\|im_end\|>", chat_template)
         self.default_system = m.group(1) if m else None
-        self.pad_id = eos_ids[0]
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -51,7 +42,7 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
             raise ValueError(f"{tok_file}: not a readable tokenizer file ({e})") from None
-        settings = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+        settings = read_json_file(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         template = settings.get("chat_template") or ""
         if not template and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text()
@@ -59,7 +50,7 @@ class Tokenizer:
         eos: list[int] = []
         for f in ("generation_config.json", "config.json"):
             if (path / f).exists():
-                e = _read_json(path / f).get("eos_token_id")
+                e = read_json_file(path / f).get("eos_token_id")
                 eos += e if isinstance(e, list) else [e] if e is not None else []
         eos_text = _token_text(settings.get("eos_token"))
         if eos_text and tok.token_to_id(eos_text) is not None:
@@ -69,10 +60,6 @@ class Tokenizer:
             raise ValueError(f"{path}: no EOS token id in generation_config.json, config.json or tokenizer_config.json")
         return cls(tok, template, eos, _token_text(settings.get("bos_token")), source=str(path))
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size()
-
     def encode(self, text: str) -> list[int]:
         # No automatic BOS/EOS: prompts are fully spelled out by `chat`, special tokens included.
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -81,10 +68,9 @@ class Tokenizer:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def encode_parts(self, prompts: list) -> list[list[list[int]]]:
-        """The one tokenization of prompts, for training and for inference. A prompt is a string or a tuple of
-        parts (strings or token-id lists); each part is encoded on its own, so the cut points between parts
-        are token boundaries whether or not a prefix comes from a cache. (BPE merges across a cut otherwise:
-        "')]" + "\n\n" encodes differently from "')]\n\n".) Returns each prompt's list of per-part ids."""
+        """The one tokenization of prompts, for training and inference: each prompt's list of per-part ids. A prompt
+        is a string or a tuple of parts (strings or token-id lists), each encoded on its own, so the cuts are token
+        boundaries whether or not a prefix comes from a cache (BPE merges across a cut: "')]" + "\n\n" != "')]\n\n")."""
         parts = [p if isinstance(p, tuple) else (p,) for p in prompts]
         encoded = iter(self.encode_batch([x for ps in parts for x in ps if isinstance(x, str)]))
         return [[next(encoded) if isinstance(x, str) else list(x) for x in ps] for ps in parts]

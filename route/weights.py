@@ -1,10 +1,9 @@
 """Hugging Face-format checkpoints: `config.json` + `model.safetensors` (or shards with an index).
 
-Loading builds the model on the meta device (no memory), then reads one tensor at a time straight into its
-final dtype and device, so the weights never exist twice: peak memory is the model plus one tensor. Tensors
-are read with plain file reads rather than safetensors' memory map: every mapped page the loader touches
-counts as resident too, which doubled peak memory (README, "Loading", has the figures and the command).
-Saving writes the same format back (used to export merged fine-tuned weights), atomically.
+Loading builds the model on the meta device (no memory), then reads one tensor at a time straight into its final
+dtype and device: peak memory is the model plus one tensor. Plain file reads, not safetensors' memory map: every
+mapped page the loader touches counts as resident too, which doubled peak memory (README, "Loading").
+Saving writes the same format back, atomically.
 """
 import json
 import shutil
@@ -113,7 +112,6 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
                 t = read_tensor(f, meta, base, f"{file}: tensor {name!r}").to(device=device, dtype=dtype)
                 module, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(module), attr, torch.nn.Parameter(t, requires_grad=False))
-                del t
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # buffers were built on the meta device with the module: compute them for real

@@ -69,11 +69,6 @@ class Sampling:
     stop: tuple[str, ...] = ()         # a row ends at the first of these in its text...
     keep_stop: bool = False            # ...which its text then keeps (NC's verdicts) or loses
 
-    @property
-    def stop_tail(self) -> int:
-        """How many last tokens to decode when looking for a stop string (a token may hold several chars)."""
-        return max((len(s) for s in self.stop), default=0) + 4
-
 
 def _last_logits(model: Transformer, tokens, *args, **kw) -> torch.Tensor:
     """Logits (B, V) of each row's last new token: the head runs on no other position."""
@@ -81,46 +76,24 @@ def _last_logits(model: Transformer, tokens, *args, **kw) -> torch.Tensor:
 
 
 class PrefixCache:
-    """Keys/values of shared prompt prefixes, least-recently-used first out past `max_bytes`.
-
-    A prefix is a tuple of token-id tuples (its levels); computing one extends the cached entry of its
-    parent level, so a database's schema is run once for all the tasks whose instructions follow it.
-    """
+    """Keys/values of shared prompt prefixes, least-recently-used first out past `max_bytes`. A prefix is a tuple
+    of token-id tuples (its levels); each level is run as a one-row batch whose prefix is its parent level, so a
+    database's schema is run once for all the tasks whose instructions follow it."""
 
     def __init__(self, max_bytes: int = 4 << 30):
         self.max_bytes, self.entries = max_bytes, OrderedDict()
 
     def get(self, model: Transformer, levels: tuple[tuple[int, ...], ...], stats: Stats) -> KVCache:
-        if levels in self.entries:
-            self.entries.move_to_end(levels)
-            return self.entries[levels]
-        parent = self.get(model, levels[:-1], stats) if len(levels) > 1 else None
-        n = parent.valid.shape[1] if parent is not None else 0
-        new = levels[-1]
-        p = next(model.parameters())
-        kv = KVCache(model.config, 1, n + len(new), p.dtype, p.device)
-        kv.valid[:] = True
-        if parent is not None:
-            _copy_prefix(kv, 0, parent, n)
-        # the first level needs no mask (plain causal attention, the faster kernel); later ones see their parent
-        mask = attention_mask(kv.valid, n, len(new)) if n else None
-        model.hidden(torch.tensor([new], device=p.device), mask=mask, cache=kv, start=n)
-        stats.prefilled += len(new)
-        self.entries[levels] = kv
-        while len(self.entries) > 1 and sum(_nbytes(e) for e in self.entries.values()) > self.max_bytes:
-            self.entries.popitem(last=False)
-        return kv
+        if levels not in self.entries:
+            self.entries[levels] = _prefill(model, [_Row(0, levels[:-1], list(levels[-1]))], self, 0, stats)[0]
+            while len(self.entries) > 1 and sum(_nbytes(e) for e in self.entries.values()) > self.max_bytes:
+                self.entries.popitem(last=False)
+        self.entries.move_to_end(levels)
+        return self.entries[levels]
 
 
 def _nbytes(kv: KVCache) -> int:
     return sum(t.numel() * t.element_size() for t in kv.k + kv.v)
-
-
-def _copy_prefix(cache: KVCache, row: int, prefix: KVCache, n: int):
-    """The n keys/values of a one-row prefix cache into slots [0, n) of `row`."""
-    for layer in range(len(cache.k)):
-        cache.k[layer][row, :, :n] = prefix.k[layer][0]
-        cache.v[layer][row, :, :n] = prefix.v[layer][0]
 
 
 def attention_mask(valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -255,7 +228,7 @@ def _plan_batches(rows: list[_Row], max_new: int, batch_tokens: int, max_batch: 
 
 def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampling, st: Stats, graphs: bool):
     """Prefill the batch, then decode a token per step for every live row until all rows are finished."""
-    cache, logits, positions, slot = _prefill(model, tok, rows, prefix_cache, s.max_new, st)
+    cache, logits, positions, slot = _prefill(model, rows, prefix_cache, s.max_new, st, tok.pad_id)
     live = list(range(len(rows)))  # live[i] = which row of `rows` cache row i holds
     finished = []  # cache rows whose row is done but still in the cache (dropped in bulk: a drop copies it)
     graph = None   # CUDA: this batch's recorded decode step
@@ -280,19 +253,22 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampl
         positions, slot = positions + 1, slot + 1
 
 
-def _prefill(model, tok, rows: list[_Row], prefix_cache: PrefixCache, max_new: int, st: Stats):
+def _prefill(model, rows: list[_Row], prefix_cache: PrefixCache, max_new: int, st: Stats, pad_id: int = 0):
     """Lay the batch out in a new cache and run the rows' own tokens: each row's prefix (copied from the
     prefix cache) at [0, n_prefix), its rest right-aligned to end at slot P+T, so every row's next token
     lands in slot P+T. Returns (cache, last logits (B, V), next positions (B,), next slot)."""
     p = next(model.parameters())
     B, P, T = len(rows), max(r.n_prefix for r in rows), max(len(r.rest) for r in rows)
     cache = KVCache(model.config, B, P + T + max_new, p.dtype, p.device)
-    tokens = torch.full((B, T), tok.pad_id, dtype=torch.long)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
     positions = torch.zeros((B, T), dtype=torch.long)
     for b, r in enumerate(rows):
         n, L = r.n_prefix, len(r.rest)
         if n:
-            _copy_prefix(cache, b, prefix_cache.get(model, r.prefix, st), n)
+            prefix = prefix_cache.get(model, r.prefix, st)  # one row, n slots
+            for layer in range(len(cache.k)):
+                cache.k[layer][b, :, :n] = prefix.k[layer][0]
+                cache.v[layer][b, :, :n] = prefix.v[layer][0]
             cache.valid[b, :n] = True
         tokens[b, T - L:] = torch.tensor(r.rest)
         positions[b, T - L:] = torch.arange(n, n + L)  # rotary positions continue right after the prefix
@@ -309,6 +285,7 @@ def _finish_rows(tok, rows: list[_Row], tokens: list[int], s: Sampling, last_ste
     """Give each unfinished row its new token; returns the indices of the rows that finish with it: at an
     end-of-sequence token (not kept), a stop string, or the last step."""
     finished = []
+    tail = max(map(len, s.stop), default=0) + 4  # tokens to decode when looking for a stop string (at the end)
     for i, (r, token) in enumerate(zip(rows, tokens)):
         if r.text is not None:
             continue
@@ -317,7 +294,7 @@ def _finish_rows(tok, rows: list[_Row], tokens: list[int], s: Sampling, last_ste
         else:
             r.out.append(token)
             st.generated += 1
-            if s.stop and any(x in tok.decode(r.out[-s.stop_tail:]) for x in s.stop):
+            if s.stop and any(x in tok.decode(r.out[-tail:]) for x in s.stop):
                 text = tok.decode(r.out)
                 at, x = min((text.find(x), x) for x in s.stop if x in text)  # the earliest stop string
                 r.text = text[:at + len(x)] if s.keep_stop else text[:at]

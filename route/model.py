@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -238,8 +239,7 @@ class Transformer(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, i, start, slot,
-                                                      use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, cache, i, start, slot, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i, start, slot)
         return x
@@ -260,8 +260,7 @@ class Transformer(nn.Module):
         x, targets = self.model.norm(self.hidden(tokens, positions, mask)[keep]), targets[keep]
         loss = x.new_zeros((), dtype=torch.float32)
         for i in range(0, len(x), 1024):
-            loss = loss + torch.utils.checkpoint.checkpoint(self._head_loss, x[i:i + 1024], targets[i:i + 1024],
-                                                            use_reentrant=False)
+            loss = loss + checkpoint(self._head_loss, x[i:i + 1024], targets[i:i + 1024], use_reentrant=False)
         return loss
 
     def _head_loss(self, x, targets):
@@ -294,9 +293,8 @@ def pack_linears(model: nn.Module) -> int:
     n = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            plain = type(child) is nn.Linear or getattr(child, "merged", False)
-            w = getattr(child, "weight", None)
-            if plain and w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16:
+            plain = type(child) is nn.Linear or getattr(child, "merged", False)  # (a merged LoRALinear)
+            if plain and child.weight.device.type == "cpu" and child.weight.dtype == torch.bfloat16:
                 setattr(module, name, PackedLinear(child))
                 n += 1
     return n

@@ -37,9 +37,7 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
     return ModelConfig.from_hf(raw, source=str(cfg_file)), raw
 
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 def read_header(file: Path) -> tuple[dict, int]:
@@ -63,8 +61,6 @@ def read_tensor(f, meta: dict, base: int, where: str) -> torch.Tensor:
     f.seek(base + start)
     if f.readinto(buf) != len(buf):
         raise ValueError(f"{where}: file is truncated")
-    if not buf:
-        return torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
     return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
 
@@ -80,8 +76,7 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device="cpu") -> Transformer:
-    path = Path(path)
-    dtype = as_dtype(dtype)
+    path, dtype = Path(path), as_dtype(dtype)
     cfg, _ = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -133,33 +128,26 @@ def save_model(model: Transformer, path: str | Path, hf_config: dict, dtype=None
                  for n, p in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        shards, size, current = [], 0, {}
+        shards = [{}]
         for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name], size = t, size + nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update({n: fname for n in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            if shards[-1] and sum(x.nbytes for x in shards[-1].values()) + t.nbytes > shard_bytes:
+                shards.append({})
+            shards[-1][name] = t
+        n = len(shards)
+        fnames = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
+        for fname, shard in zip(fnames, shards):
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+        if n > 1:
+            weight_map = {name: fname for fname, shard in zip(fnames, shards) for name in shard}
+            index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = dict(hf_config)
         # the dtype the files hold, not the source config's: transformers and vLLM load a model in the dtype its
         # config names, so an fp32 save that kept "bfloat16" would be loaded as bf16 without a word
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
-        if floats:
-            config["torch_dtype"] = str(max(set(floats), key=floats.count)).removeprefix("torch.")
-            if "dtype" in config:  # transformers >= 4.56 writes this name
-                config["dtype"] = config["torch_dtype"]
+        config["torch_dtype"] = str(max(set(floats), key=floats.count)).removeprefix("torch.")
+        if "dtype" in config:  # transformers >= 4.56 writes this name
+            config["dtype"] = config["torch_dtype"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in TOKENIZER_FILES if tokenizer_from else ():
             if (Path(tokenizer_from) / f).exists():

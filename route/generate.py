@@ -1,7 +1,6 @@
-"""Batched, KV-cached generation: what turns every MCP step's prompts into answers.
-
-ROUTE's workload is prefill-bound: thousands of prompts of 0.5-4k tokens (schema + sample rows + question)
-with answers of 30-60 tokens. Three ideas keep it fast:
+"""Batched, KV-cached generation: what turns every MCP step's prompts into answers. ROUTE's workload is
+prefill-bound (thousands of prompts of 0.5-4k tokens: schema + sample rows + question; answers of 30-60 tokens).
+Three ideas keep it fast:
 
 1. Shared-prefix reuse. A prompt may come in parts, e.g. (system + schema, task instructions, question); each
    cut is a cache level (same database: same first part; same task: same second), computed once by extending
@@ -29,8 +28,7 @@ from .model import KVCache, Transformer, pack_linears
 def load_for_inference(model: str | Path | None = None, dtype="bf16", device: str | None = None,
                        adapter: str | Path | None = None):
     """(model, tokenizer) ready to generate: the model resolved (None: the default one, fetched on first use),
-    loaded, a LoRA adapter merged in (inference needs no separate LoRA matmuls), and its CPU bf16 weights laid
-    out once for oneDNN (pack_linears; a no-op elsewhere)."""
+    loaded, a LoRA adapter merged in (no separate LoRA matmuls), and its CPU bf16 weights packed (pack_linears)."""
     from . import hub
     from .tokenizer import Tokenizer
     from .weights import load_model
@@ -93,7 +91,7 @@ class PrefixCache:
 
 
 def _nbytes(kv: KVCache) -> int:
-    return sum(t.numel() * t.element_size() for t in kv.k + kv.v)
+    return sum(t.nbytes for t in kv.k + kv.v)
 
 
 def attention_mask(valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -123,11 +121,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 
 class GraphedDecode:
-    """CUDA: one decode step recorded as a CUDA graph for a batch's rows and cache, then replayed per token.
-
-    A small model's decode step is hundreds of small kernels, slower to launch from Python than to run; a graph
-    is one launch. It replays fixed addresses, so each step copies its inputs into fixed buffers, the cache slot
-    is a tensor, and attention runs over the whole cache (unwritten slots masked). Recording costs about two eager
+    """CUDA: one decode step recorded as a CUDA graph for a batch's rows and cache, then replayed per token. A small
+    model's decode step is hundreds of small kernels, slower to launch from Python than to run; a graph is one
+    launch. It replays fixed addresses, so each step copies its inputs into fixed buffers, the cache slot is a
+    tensor, and attention runs over the whole cache (unwritten slots masked). Recording costs about two eager
     steps; a batch is recorded anew when finished rows are dropped from it."""
 
     def __init__(self, model: Transformer, cache: KVCache, tokens, positions, slot: int):
@@ -285,7 +282,7 @@ def _finish_rows(tok, rows: list[_Row], tokens: list[int], s: Sampling, last_ste
     """Give each unfinished row its new token; returns the indices of the rows that finish with it: at an
     end-of-sequence token (not kept), a stop string, or the last step."""
     finished = []
-    tail = max(map(len, s.stop), default=0) + 4  # tokens to decode when looking for a stop string (at the end)
+    tail = max(map(len, s.stop), default=0) + 4  # how many last tokens to decode when looking for a stop string
     for i, (r, token) in enumerate(zip(rows, tokens)):
         if r.text is not None:
             continue

@@ -31,9 +31,8 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear plus a low-rank update. It adopts the base layer's `weight` and `bias` Parameters (no copy)
-    as its own, so the frozen weights keep their checkpoint names (`q_proj.weight`, and Qwen2's `q_proj.bias`)
-    and the adapter adds only `q_proj.lora_A` / `q_proj.lora_B`."""
+    """An nn.Linear plus a low-rank update. It adopts the base layer's `weight` and `bias` Parameters (no copy), so
+    the frozen weights keep their checkpoint names and the adapter adds only `q_proj.lora_A` / `q_proj.lora_B`."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -89,9 +88,8 @@ def _targeted(name: str, module: nn.Module, targets) -> bool:
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
              targets=ALL_TARGETS) -> nn.Module:
-    """Wrap the targeted nn.Linear layers in place and freeze every other parameter; returns the model. Dropout
-    defaults to 0 (as in LLaMA-Factory): it costs a masked copy of every adapter input, and multitask SFT data is
-    not tiny."""
+    """Wrap the targeted nn.Linear layers in place and freeze every other parameter; returns the model. Dropout 0 by
+    default (as in LLaMA-Factory): it costs a masked copy of every adapter input, and multitask SFT data is not tiny."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters")
     chosen = [(n, m) for n, m in model.named_modules() if _targeted(n, m, targets)]
@@ -138,15 +136,12 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_path: str | Path
     if any(m.r != first.r or m.alpha != first.alpha for m in mods.values()):
         raise ValueError("adapters with different ranks per layer are not supported")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    adapter_cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM",
-        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout,
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
-        "base_model_name_or_path": str(base_model_path) if base_model_path else None,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "revision": None,
-    }
+    adapter_cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
+                   "lora_dropout": dropout, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
+                   "base_model_name_or_path": str(base_model_path) if base_model_path else None,
+                   "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+                   "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+                   "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "revision": None}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with atomic_file(path / CONFIG) as config_tmp, atomic_file(path / WEIGHTS) as weights_tmp:

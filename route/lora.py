@@ -172,14 +172,13 @@ def read_adapter_config(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, path: str | Path, dropout: float | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a PEFT LoRA adapter into `model` (adding LoRA layers from the config if it has none)."""
     path = Path(path)
     adapter_cfg = read_adapter_config(path)
     r, alpha, targets = adapter_cfg["r"], adapter_cfg["lora_alpha"], adapter_cfg["target_modules"]
     if not lora_modules(model):
-        add_lora(model, r, alpha, adapter_cfg.get("lora_dropout", 0.0) if dropout is None else dropout,
-                 targets if isinstance(targets, str) else tuple(targets))
+        add_lora(model, r, alpha, adapter_cfg.get("lora_dropout", 0.0), targets)
     mods = lora_modules(model)
     for name, m in mods.items():
         if m.merged:

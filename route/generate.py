@@ -109,8 +109,7 @@ def attention_mask(valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
     """logits (B, vocab) -> token ids (B,). temperature 0 is greedy."""
     if temperature <= 0:
-        # max().indices, not argmax(): the same first-maximum index, but torch's CPU argmax over a 150k bf16
-        # vocabulary is several times slower (README)
+        # max().indices, not argmax(): the same first maximum, but CPU argmax over 150k bf16 logits is slower (README)
         return logits.max(-1).indices
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p

@@ -27,7 +27,6 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2 has biases on q/k/v (not o); Llama has `attention_bias` on all four
     o_bias: bool
@@ -58,8 +57,7 @@ class ModelConfig:
                    intermediate_size=need("intermediate_size"), num_hidden_layers=need("num_hidden_layers"),
                    num_attention_heads=n_heads, num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
                    head_dim=hf.get("head_dim") or hidden // n_heads, rms_norm_eps=need("rms_norm_eps"),
-                   rope_theta=float(theta), max_position_embeddings=hf.get("max_position_embeddings", 4096),
-                   tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                   rope_theta=float(theta), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                    qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
                    mlp_bias=bool(hf.get("mlp_bias", False)), rope_scaling=scaling if kind == "llama3" else None)
 

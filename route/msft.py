@@ -68,38 +68,29 @@ _FLIP = {exp.GT: exp.LT, exp.LT: exp.GT, exp.GTE: exp.LTE, exp.LTE: exp.GTE, exp
 _AGGS = (exp.Max, exp.Min, exp.Avg, exp.Sum)
 
 
-def _swap_name(t: exp.Expression, sel: exp.Select, kind: str, db, rng: random.Random) -> bool:
-    """Edit "column" (a selected column becomes another of the query's tables) or "table" (a joined table
-    becomes another of the database's) in place; False when it does not apply."""
-    if kind == "column":
-        cols = [c for c in sel.expressions if isinstance(c, exp.Column)]
-        tables = [tb for tb in (db.table(x.name) for x in t.find_all(exp.Table)) if tb is not None]
-        others = [c.name for tb in tables for c in tb.columns]
-        if not cols or not others:
-            return False
-        col = rng.choice(cols)
-        choices = [o for o in others if o.lower() != col.name.lower()]
-        if not choices:
-            return False
-        col.set("this", exp.to_identifier(rng.choice(choices)))
-        return True
-    used = list(t.find_all(exp.Table))
-    others = [tb.name for tb in db.tables if tb.name.lower() not in {u.name.lower() for u in used}]
-    if len(used) < 2 or not others:
-        return False
-    rng.choice(used).set("this", exp.to_identifier(rng.choice(others)))
-    return True
-
-
 def _edit(tree: exp.Expression, kind: str, db, rng: random.Random) -> exp.Expression | None:
     """One deterministic edit of a copy of the gold tree; None when `kind` does not apply to it."""
     t = tree.copy()
     sel = t if isinstance(t, exp.Select) else t.find(exp.Select)
     if sel is None:
         return None
-    if kind in ("column", "table"):
-        if not _swap_name(t, sel, kind, db, rng):
+    if kind == "column":  # a selected column becomes another of the query's tables
+        cols = [c for c in sel.expressions if isinstance(c, exp.Column)]
+        tables = [tb for tb in (db.table(x.name) for x in t.find_all(exp.Table)) if tb is not None]
+        others = [c.name for tb in tables for c in tb.columns]
+        if not cols or not others:
             return None
+        col = rng.choice(cols)
+        choices = [o for o in others if o.lower() != col.name.lower()]
+        if not choices:
+            return None
+        col.set("this", exp.to_identifier(rng.choice(choices)))
+    elif kind == "table":  # a joined table becomes another of the database's
+        used = list(t.find_all(exp.Table))
+        others = [tb.name for tb in db.tables if tb.name.lower() not in {u.name.lower() for u in used}]
+        if len(used) < 2 or not others:
+            return None
+        rng.choice(used).set("this", exp.to_identifier(rng.choice(others)))
     elif kind == "drop_condition":
         if (where := sel.args.get("where")) is None:
             return None

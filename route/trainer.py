@@ -75,16 +75,24 @@ def prepare_model(tc: TrainConfig) -> Transformer:
         raise ValueError("TrainConfig.base_model is not set")
     _, world, _ = init_distributed()
     device = pick_device(tc.device)
+    dtype = compute_dtype(tc.dtype, device)
     if tc.full:
         # FSDP shards from CPU memory (fully_shard moves each shard to the device); DDP loads straight there
         model = load_model(tc.base_model, torch.float32, "cpu" if sharded(tc, world) else device)
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        model = load_model(tc.base_model, compute_dtype(tc.dtype, device), device)
-        add_lora(model, tc.lora_r, tc.lora_alpha, tc.lora_dropout, tc.lora_targets)
+        model = add_lora(load_model(tc.base_model, dtype, device), tc.lora_r, tc.lora_alpha, tc.lora_dropout,
+                         tc.lora_targets)
     model.checkpointing = tc.checkpointing
     return model.train()
+
+
+def _this_process(model: Transformer, tc: TrainConfig):
+    """(rank, world size, device, compute dtype, log): where this process trains, and how it reports."""
+    rank, world, _ = init_distributed()
+    device = pick_device(tc.device) if sharded(tc, world) else next(model.parameters()).device
+    return rank, world, device, compute_dtype(tc.dtype, device), tqdm.write if rank == 0 else (lambda msg: None)
 
 
 def _check_trainable(raw_model: Transformer, tc: TrainConfig) -> bool:
@@ -99,13 +107,6 @@ def _check_trainable(raw_model: Transformer, tc: TrainConfig) -> bool:
     if tc.full != full:
         raise ValueError(f"TrainConfig.full={tc.full} but the model {'has' if not full else 'has no'} LoRA adapters")
     return full
-
-
-def _this_process(model: Transformer, tc: TrainConfig):
-    """(rank, world size, device, compute dtype, log): where this process trains, and how it reports."""
-    rank, world, _ = init_distributed()
-    device = pick_device(tc.device) if sharded(tc, world) else next(model.parameters()).device
-    return rank, world, device, compute_dtype(tc.dtype, device), tqdm.write if rank == 0 else (lambda msg: None)
 
 
 def make_optimizer(trainable: list, tc: TrainConfig, device) -> torch.optim.AdamW:
@@ -187,8 +188,8 @@ def clip_gradients(params: list, max_norm: float, step: int) -> float:
 
 def train(model: Transformer, examples: list[dict], tc: TrainConfig, eval_examples: list[dict] | None = None
           ) -> list[dict]:
-    """Fine-tune `model` (from prepare_model) on `examples`; returns the per-step metrics. Writes metrics.jsonl,
-    checkpoint.pt, then adapter/ (PEFT) or model/ (HF) into tc.out_dir. Ctrl-C / SIGTERM: saves, then raises."""
+    """Fine-tune `model` (from prepare_model); returns the per-step metrics. Writes metrics.jsonl, checkpoint.pt,
+    then adapter/ (PEFT) or model/ (HF) into tc.out_dir. On Ctrl-C / SIGTERM: saves, raises KeyboardInterrupt."""
     rank, world, device, dtype, log = _this_process(model, tc)
     raw_model, full, out = model, _check_trainable(model, tc), Path(tc.out_dir)
     plan = Plan.make(examples, eval_examples, tc, world, log)

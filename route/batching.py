@@ -72,8 +72,7 @@ def pack(order: list[int], lengths: list[int], batch_tokens: int) -> list[list[i
 
 
 def plan_epoch(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's micro-batches (lists of example indices): shuffle, sort by length within windows, pack,
-    shuffle the batches. Tasks mix because the shuffle ignores them."""
+    """One epoch's micro-batches (lists of example indices); tasks mix because the shuffle ignores them."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)

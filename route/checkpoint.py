@@ -41,8 +41,7 @@ def sharded(tc, world: int) -> bool:
 
 
 def distribute(raw_model: Transformer, tc, world: int, device, dtype):
-    """Wrap for several processes: DDP (each holds the model; gradients are averaged), or FSDP2 (each block's
-    weights, gradients and optimizer state sharded, gathered block by block; bf16 compute, fp32 reduction)."""
+    """Wrap for several processes: DDP, or FSDP2 (each block sharded, gathered block by block for compute)."""
     if world == 1:
         return raw_model
     if sharded(tc, world):

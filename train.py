@@ -23,7 +23,8 @@ def parse_args(argv=None):
     ap.add_argument("--tasks", default="all", help="all, or a comma list of ts,sl,nc,cw")
     ap.add_argument("--model", default=None, help="HF-format directory or .gguf (default: Qwen2.5-Coder-0.5B)")
     ap.add_argument("--data", default=str(SPIDER), help="Spider or BIRD root with its training split")
-    ap.add_argument("--msft", default=None, help="MSFT data directory (default: data/msft/heldout-seed<seed>-limit<limit>...)")
+    ap.add_argument("--msft", default=None,
+                    help="MSFT data directory (default: data/msft/heldout-seed<seed>-limit<limit>...)")
     ap.add_argument("--canonical-targets", action="store_true",
                     help="gold SQL in the schema's spelling and sqlglot's layout (measured: no gain, see the card)")
     ap.add_argument("--nc-from-model", action="store_true",

@@ -1,10 +1,10 @@
 """Examples to micro-batches for multitask fine-tuning (ROUTE section 3.1, MSFT): tokenize, plan, collate.
 
-An example is a prompt followed by an answer, as token ids, with labels IGNORE on the prompt: only the answer
-gets a loss. Each epoch, examples are shuffled, sorted by length within windows and packed into right-padded
-micro-batches under a token budget (so no batch is mostly padding), and the micro-batches are shuffled. A step
-takes world_size * grad_accum consecutive micro-batches. The plan is a pure function of the seed, so every rank
-knows every step's global answer-token count and a resumed run starts at exactly the right micro-batch.
+An example is a prompt then an answer, as token ids, with labels IGNORE on the prompt: only the answer gets a
+loss. Each epoch, examples are shuffled, sorted by length within windows and packed into right-padded
+micro-batches under a token budget, and the micro-batches are shuffled; a step takes world_size * grad_accum
+of them. The plan is a pure function of the seed, so every rank knows every step's global answer-token count
+and a resumed run starts at exactly the right micro-batch.
 """
 import random
 from dataclasses import dataclass
@@ -16,25 +16,17 @@ from .packing import IGNORE, block_mask
 SORT_WINDOW = 1024  # examples sorted by length together: larger packs tighter, smaller mixes batches more
 
 
-def end_of_turn(tok) -> str:
-    """The token that closes an assistant turn in the chat format: what generation stops at."""
-    return {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[tok.format]
-
-
 def tokenize_example(tok, prompt, answer: str, close_turn: bool = True) -> dict:
-    """A training example from a formatted prompt (a string, e.g. tok.chat(messages), or its cache parts from
-    prompts.cut) and its answer text.
-
-    The prompt goes through Tokenizer.encode_parts, exactly as generate() encodes it at inference, and the
-    answer is encoded on its own (the model sees the prompt's tokens, then generates); the end-of-turn token
-    is appended to the answer so the model learns to stop.
-    """
+    """A training example from a formatted prompt (a string, e.g. tok.chat(messages), or its parts from
+    prompts.cut) and its answer text."""
     return tokenize_examples(tok, [prompt], [answer], close_turn)[0]
 
 
 def tokenize_examples(tok, prompts: list, answers: list[str], close_turn: bool = True) -> list[dict]:
-    """tokenize_example for many pairs at once: the tokenizers library encodes a batch on all cores."""
-    eot = end_of_turn(tok) if close_turn else ""
+    """tokenize_example for many pairs at once (encode_batch uses all cores). Prompts go through encode_parts,
+    as generate() encodes them; answers are encoded on their own, closed by the chat format's end-of-turn token
+    so the model learns to stop."""
+    eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[tok.format] if close_turn else ""
     parts = tok.encode_parts(prompts)
     ans = tok.encode_batch([a + eot for a in answers])
     out = []
@@ -80,8 +72,7 @@ def pack(order: list[int], lengths: list[int], batch_tokens: int) -> list[list[i
 
 
 def plan_epoch(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's micro-batches (lists of example indices): shuffle, sort by length within windows, pack,
-    shuffle the batches. Tasks mix because the shuffle ignores them."""
+    """One epoch's micro-batches (lists of example indices); tasks mix because the shuffle ignores them."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -94,9 +85,8 @@ def plan_epoch(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> 
 
 
 def plan_steps(lengths: list[int], tc, group: int) -> tuple[list[list[list[int]]], list[float]]:
-    """Every optimizer step of the run (TrainConfig `tc`), each a list of `group` = world_size * grad_accum
-    micro-batches, and the (fractional) epoch each step ends. An epoch's last micro-batches that do not fill a
-    step are skipped (a different few each epoch, since every epoch is shuffled anew)."""
+    """Every optimizer step of the run, each `group` = world_size * grad_accum micro-batches, and the fractional
+    epoch each step ends. An epoch's leftover micro-batches are skipped (different ones each epoch)."""
     steps, ends, epoch = [], [], 0
     while (len(steps) < tc.max_steps) if tc.max_steps is not None else (epoch < tc.epochs):
         batches = plan_epoch(lengths, tc.batch_tokens, tc.seed, epoch)
@@ -115,7 +105,7 @@ def plan_steps(lengths: list[int], tc, group: int) -> tuple[list[list[list[int]]
 @dataclass
 class Plan:
     """A run's data: the usable examples, their lengths and answer-token counts, every step's micro-batches
-    (with the fractional epoch each step ends), and the usable held-out examples (None without any)."""
+    (and the fractional epoch each ends), and the usable held-out examples (None without any)."""
     examples: list[dict]
     lengths: list[int]
     targets: list[int]
@@ -135,7 +125,6 @@ class Plan:
         return cls(examples, lengths, targets, *plan_steps(lengths, tc, group), group, eval_examples)
 
     def answer_tokens(self, micro: list[list[int]]) -> int:
-        """The answer tokens of a step's micro-batches (all ranks'): what its summed loss is divided by."""
         return sum(self.targets[i] for b in micro for i in b)
 
     def meta(self, tc, full: bool) -> dict:
@@ -146,22 +135,20 @@ class Plan:
 
 
 def collate(examples: list[dict], idx: list[int], device):
-    """Right-pad a micro-batch: (tokens, labels, positions, mask), tokens and labels (B, T). Padding gets label
-    IGNORE; with right padding plain causal attention is exact for every real token (padding comes after it),
-    so positions and mask are None, unless a row is packed (packing.py): then the rows' own positions and
-    the block mask that keeps its records apart."""
+    """Right-pad a micro-batch: (tokens, labels, positions, mask), tokens and labels (B, T), padding labelled
+    IGNORE. Padding comes after every real token, so plain causal attention is exact: positions and mask are
+    None, unless a row is packed (packing.py): then its own positions and the block mask between records."""
     T = max(len(examples[i]["input_ids"]) for i in idx)
     tokens = torch.zeros(len(idx), T, dtype=torch.long)
     labels = torch.full((len(idx), T), IGNORE, dtype=torch.long)
-    packed = any("segments" in examples[i] for i in idx)
-    positions = torch.arange(T).repeat(len(idx), 1) if packed else None
-    segments = torch.full((len(idx), T), -1, dtype=torch.long) if packed else None
+    positions = torch.arange(T).repeat(len(idx), 1)
+    segments = torch.full((len(idx), T), -1, dtype=torch.long)
     for b, i in enumerate(idx):
-        ids = examples[i]["input_ids"]
-        tokens[b, :len(ids)] = torch.tensor(ids)
-        labels[b, :len(ids)] = torch.tensor(examples[i]["labels"])
-        if packed:
-            positions[b, :len(ids)] = torch.tensor(examples[i].get("positions", range(len(ids))))
-            segments[b, :len(ids)] = torch.tensor(examples[i].get("segments", [0] * len(ids)))
-    to = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
-    return to(tokens), to(labels), to(positions), to(block_mask(segments) if packed else None)
+        n = len(examples[i]["input_ids"])
+        tokens[b, :n] = torch.tensor(examples[i]["input_ids"])
+        labels[b, :n] = torch.tensor(examples[i]["labels"])
+        positions[b, :n] = torch.tensor(examples[i].get("positions", range(n)))
+        segments[b, :n] = torch.tensor(examples[i].get("segments", [0] * n))
+    if not any("segments" in examples[i] for i in idx):
+        return tokens.to(device), labels.to(device), None, None
+    return tokens.to(device), labels.to(device), positions.to(device), block_mask(segments).to(device)

@@ -1,12 +1,11 @@
 """What lets a fine-tuning run (ROUTE section 3.1, MSFT) span processes and survive interruptions.
 
-- Processes: under torchrun, DDP (each process holds the model, gradients are averaged; gloo on CPU, NCCL on
-  GPU) or FSDP2 for full fine-tuning of models whose weights and optimizer state do not fit one device.
-- Checkpoints: trainable weights (fp32) + optimizer state + step, written atomically, and `resume` to continue
-  exactly; the run's metadata must match the checkpoint's, or resuming would silently train something else.
-- Metrics: one JSON line per step in out_dir/metrics.jsonl.
-- Stopping: Ctrl-C or SIGTERM finish the current step, then the loop saves a checkpoint and stops.
-- The result: out_dir/adapter (PEFT format) for LoRA, out_dir/model (HF format) for full fine-tuning.
+- Processes: under torchrun, DDP (gloo on CPU, NCCL on GPU), or FSDP2 for full fine-tuning of models whose
+  weights and optimizer state do not fit one device.
+- Checkpoints: trainable weights (fp32) + optimizer state + step, written atomically; resuming checks the
+  run's metadata against the checkpoint's, or it would silently train something else.
+- Metrics (out_dir/metrics.jsonl), Ctrl-C / SIGTERM handling, and the result: out_dir/adapter (PEFT format)
+  for LoRA, out_dir/model (HF format) for full fine-tuning.
 """
 import json
 import os
@@ -42,9 +41,7 @@ def sharded(tc, world: int) -> bool:
 
 
 def distribute(raw_model: Transformer, tc, world: int, device, dtype):
-    """Wrap for several processes: DDP (each process holds the model; gradients are averaged), or FSDP2 for
-    full fine-tuning (each block's weights, gradients and optimizer state sharded over the processes, gathered
-    block by block for compute; bf16 compute and fp32 gradient reduction via its mixed-precision policy)."""
+    """Wrap for several processes: DDP, or FSDP2 (each block sharded, gathered block by block for compute)."""
     if world == 1:
         return raw_model
     if sharded(tc, world):
@@ -59,7 +56,7 @@ def distribute(raw_model: Transformer, tc, world: int, device, dtype):
 
 
 def sum_over_ranks(*values: float, device) -> list[float]:
-    """Each value summed over the processes, in one collective (a single process gets its own values back)."""
+    """Each value summed over the processes, in one collective."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -67,7 +64,7 @@ def sum_over_ranks(*values: float, device) -> list[float]:
 
 
 def _state_dicts(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # slow: 0.8 s
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -85,26 +82,22 @@ def save_checkpoint(path: Path, model, raw_model, optimizer, step: int, meta: di
         dist.barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, meta: dict) -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    diff = {k: (state["meta"].get(k), v) for k, v in meta.items() if state["meta"].get(k) != v}
-    if diff:
-        raise ValueError(f"{path}: cannot resume, the run differs from the checkpoint's "
-                         + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items()))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    return state["step"]
-
-
 def start_step(out: Path, model, optimizer, meta: dict, resume: bool, rank: int, log=print) -> int:
-    """The step to start at: the checkpoint's when resuming (metrics logged after it are forgotten, since
-    those steps run again), else 0 with a fresh metrics file."""
+    """The step to start at: the checkpoint's when resuming (metrics logged after it are forgotten: those steps
+    run again), else 0 with a fresh metrics file."""
     metrics = out / METRICS
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if resume and (out / CHECKPOINT).exists():
-        step = load_checkpoint(out / CHECKPOINT, model, optimizer, meta)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+        diff = {k: (state["meta"].get(k), v) for k, v in meta.items() if state["meta"].get(k) != v}
+        if diff:
+            raise ValueError(f"{out / CHECKPOINT}: cannot resume, the run differs from the checkpoint's "
+                             + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items()))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+        step = state["step"]
         if rank == 0 and metrics.exists():
             rows = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
             with atomic_file(metrics) as tmp:
@@ -128,9 +121,8 @@ class StopSignal:
 
     def __enter__(self):
         self.hit, self.saved = False, {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.saved[s] = signal.signal(s, self._handle)
+        if threading.current_thread() is threading.main_thread():  # the only one allowed to set handlers
+            self.saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):

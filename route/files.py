@@ -1,8 +1,7 @@
 """Small file helpers shared by the writers and readers of models, adapters, data and checkpoints.
 
 Every file or directory this project writes appears whole or not at all: it is built under a temporary name
-beside its destination and renamed into place (one rename is atomic on POSIX), and an error or a Ctrl-C on
-the way removes the temporary copy. Readers never see a half-written model, adapter, checkpoint or data file.
+beside its destination and renamed into place (atomic on POSIX); an error or a Ctrl-C removes the temporary.
 """
 import hashlib
 import json

@@ -1,8 +1,5 @@
-"""The hardware under the training loop: which device, which compute dtype, and the model FLOPs utilization.
-
-MFU = (model FLOPs per token x tokens per second) / the device's peak FLOP/s. The model FLOPs follow the
-usual convention (6N per token for full fine-tuning, 4N for LoRA, N the transformer blocks' weights); the peak
-comes from a datasheet table on GPUs and from a measured large matmul on CPUs, which have no datasheet peak.
+"""The hardware under the training loop (ROUTE section 3.1, MSFT): which device, which compute dtype, and the
+model FLOPs utilization, MFU = model FLOPs per token (flops_per_token) x tokens/s / peak FLOP/s (peak_flops).
 """
 import math
 import os
@@ -29,33 +26,25 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has fast bf16 matmuls, fp32 otherwise.
-
-    CUDA: bf16 from Ampere on (older GPUs would emulate it). CPU: bf16 with AMX or AVX512-BF16, fp32 elsewhere
-    (bf16 would be emulated, and slower). fp16 is not offered: it needs loss scaling, which this loop omits.
-    """
+    """bf16 where the hardware has fast bf16 matmuls (CUDA from Ampere on; CPUs with AMX or AVX512-BF16), else
+    fp32: emulated bf16 is slower. No fp16: it needs loss scaling, which this loop omits."""
     if name != "auto":
         if DTYPES.get(name) == torch.float16:
             raise ValueError("fp16 training needs loss scaling, which this trainer does not do: use bf16 or fp32")
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
-    return torch.bfloat16 if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else torch.float32
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:  # not Linux
+        flags = ""
+    return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & set(flags.split()) else torch.float32
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(FLOP/s, where the number comes from). GPUs: the datasheet table. CPUs: a measured large GEMM in the
-    training dtype (datasheets rarely state CPU peaks; this is the achievable matmul rate on this machine)."""
+    """(FLOP/s, where the number comes from): GPUs from the datasheet table, CPUs (which rarely have a stated
+    peak) from a measured large GEMM in the training dtype."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (bf16, fp32) in PEAK_FLOPS.items():
@@ -65,7 +54,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     if dtype not in _measured:
         n = 1024
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
+        a @ b  # warm-up
         best = float("inf")
         for _ in range(3):
             t = time.perf_counter()
@@ -76,17 +65,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 
 def flops_per_token(raw_model, full: bool) -> float:
-    """Model FLOPs per trained token: 6N for full fine-tuning (forward 2N, backward 2N for input gradients and
-    2N for weight gradients), 4N for LoRA (no weight gradients for the frozen base; the adapters are ~1%).
-    N counts the transformer blocks' weights only: embeddings, the output head (run on answer tokens only),
-    attention scores and activation recomputation are left out, so MFU errs low."""
+    """Model FLOPs per trained token: 6N for full fine-tuning (forward 2N, backward 2N + 2N for input and weight
+    gradients), 4N for LoRA (no weight gradients for the frozen base). N: the blocks' weights only (no
+    embeddings, output head, attention scores or recomputation), so MFU errs low."""
     n = sum(p.numel() for name, p in raw_model.model.layers.named_parameters() if "lora_" not in name)
     return (6 if full else 4) * n
 
 
 class Progress:
-    """`with progress:` a progress bar over the steps, timed from there; progress.measure gives each step's
-    throughput: tokens/s, padding, and MFU against the device's peak."""
+    """`with progress:` a progress bar over the steps, timed from there; measure() gives a step's throughput."""
 
     def __init__(self, raw_model, tc, plan, start: int, rank: int, device, dtype):
         self.fpt, self.lengths = flops_per_token(raw_model, tc.full), plan.lengths
@@ -102,7 +89,7 @@ class Progress:
         self.bar.close()
 
     def measure(self, micro: list[list[int]], count: int, t0: float) -> dict:
-        """Throughput of a step that started at time.perf_counter() = t0."""
+        """Tokens/s, padding and MFU of a step that started at time.perf_counter() = t0."""
         seconds = time.perf_counter() - t0
         n_tok = sum(self.lengths[i] for b in micro for i in b)
         padded = sum(len(b) * max(self.lengths[i] for i in b) for b in micro)

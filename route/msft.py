@@ -1,17 +1,15 @@
 """Building the MSFT training data (paper Sec. 3.2): four synthetic tasks from a Text-to-SQL training set.
 
 For every training question whose gold SQL runs:
-  TS  schema (+ sample rows) + question -> gold SQL. Half of them see a pruned schema (the gold's tables and
-      columns plus random distractors), as TS does inside the MCP chain after schema linking.
+  TS  schema (+ sample rows) + question -> gold SQL; half see a pruned schema (the gold's tables and columns
+      plus random distractors), as TS does inside the MCP chain after schema linking.
   SL  the same input -> JSON of the tables and columns the gold uses (sqlglot analysis).
-  NC  question + a candidate SQL + its execution result -> "correct", or "wrong" + the gold. Candidates are
-      the gold re-written by sqlglot (correct) or the gold with one deterministic edit (another column, table,
-      aggregate, comparison, ORDER BY direction or LIMIT; a condition, DISTINCT or GROUP BY dropped). Labels
-      come from execution, never from the edit: an edit that returns the gold's result is "correct".
-      With --nc-from-model, the SQL a model writes for the question is one more candidate, labelled alike.
+  NC  question + a candidate SQL + its execution result -> "correct", or "wrong" + the gold. Candidates: the
+      gold re-written by sqlglot, or with one deterministic edit (EDITS); with --nc-from-model, also the SQL a
+      model writes. Labels come from execution, never from the edit.
   CW  the gold cut at a clause boundary -> the rest of it.
-Targets are the gold as the dataset writes it; --canonical re-spells it with the schema's own names.
-The prompts are the templates of prompts.py, stored as chat messages so any chat format can render them.
+Targets are the gold as written (--canonical: in the schema's own names); prompts are prompts.py's templates,
+stored as chat messages so any chat format can render them.
 
     python -m route.msft --data ../shared/data/spider --out data/msft [--limit 2000] [--seed 0] [--nc-from-model]
 """
@@ -40,10 +38,9 @@ def _record(task, ex, schema, answer, **inputs) -> dict:
 
 
 def canonical_sql(gold: str, tree, db, gold_rows, timeout: float) -> str:
-    """The gold as the model should learn to write it: sqlglot's layout (upper-case keywords, single spaces)
-    with every table and column spelled as the schema declares it. Spider's golds mix spellings ("pettype"
-    for PetType, "T1.name ,  T1.age"); a small model learns the spelling along with the logic, then invents
-    names the schema does not have. The gold itself is kept when the rewrite changes the result."""
+    """The gold in sqlglot's layout with every table and column spelled as the schema declares it (Spider
+    mixes "pettype" and PetType; a small model learns the spelling too, then invents names). The gold itself
+    is kept when the rewrite changes the result."""
     if tree is None:
         return gold
     tables = {t.name.lower(): t.name for t in db.tables}
@@ -67,33 +64,8 @@ def same_result(db, sql: str, gold: str, gold_rows, timeout: float):
     return run, run.error is None and results_match(run.rows, gold_rows, order_matters(gold))
 
 
-# -- noisy SQL for noise correction ------------------------------------------------------------------------
-
 _FLIP = {exp.GT: exp.LT, exp.LT: exp.GT, exp.GTE: exp.LTE, exp.LTE: exp.GTE, exp.EQ: exp.NEQ, exp.NEQ: exp.EQ}
 _AGGS = (exp.Max, exp.Min, exp.Avg, exp.Sum)
-
-
-def _swap_name(t: exp.Expression, sel: exp.Select, kind: str, db, rng: random.Random) -> bool:
-    """Edit "column" (a selected column becomes another of the query's tables) or "table" (a joined table
-    becomes another of the database's) in place; False when it does not apply."""
-    if kind == "column":
-        cols = [c for c in sel.expressions if isinstance(c, exp.Column)]
-        tables = [tb for tb in (db.table(x.name) for x in t.find_all(exp.Table)) if tb is not None]
-        others = [c.name for tb in tables for c in tb.columns]
-        if not cols or not others:
-            return False
-        col = rng.choice(cols)
-        choices = [o for o in others if o.lower() != col.name.lower()]
-        if not choices:
-            return False
-        col.set("this", exp.to_identifier(rng.choice(choices)))
-        return True
-    used = list(t.find_all(exp.Table))
-    others = [tb.name for tb in db.tables if tb.name.lower() not in {u.name.lower() for u in used}]
-    if len(used) < 2 or not others:
-        return False
-    rng.choice(used).set("this", exp.to_identifier(rng.choice(others)))
-    return True
 
 
 def _edit(tree: exp.Expression, kind: str, db, rng: random.Random) -> exp.Expression | None:
@@ -102,51 +74,56 @@ def _edit(tree: exp.Expression, kind: str, db, rng: random.Random) -> exp.Expres
     sel = t if isinstance(t, exp.Select) else t.find(exp.Select)
     if sel is None:
         return None
-    if kind in ("column", "table"):
-        if not _swap_name(t, sel, kind, db, rng):
+    if kind == "column":  # a selected column becomes another of the query's tables
+        cols = [c for c in sel.expressions if isinstance(c, exp.Column)]
+        tables = [tb for tb in (db.table(x.name) for x in t.find_all(exp.Table)) if tb is not None]
+        others = [c.name for tb in tables for c in tb.columns]
+        if not cols or not others:
             return None
+        col = rng.choice(cols)
+        choices = [o for o in others if o.lower() != col.name.lower()]
+        if not choices:
+            return None
+        col.set("this", exp.to_identifier(rng.choice(choices)))
+    elif kind == "table":  # a joined table becomes another of the database's
+        used = list(t.find_all(exp.Table))
+        others = [tb.name for tb in db.tables if tb.name.lower() not in {u.name.lower() for u in used}]
+        if len(used) < 2 or not others:
+            return None
+        rng.choice(used).set("this", exp.to_identifier(rng.choice(others)))
     elif kind == "drop_condition":
-        where = sel.args.get("where")
-        if where is None:
+        if (where := sel.args.get("where")) is None:
             return None
         if isinstance(where.this, exp.And) and rng.random() < 0.5:
             where.set("this", rng.choice([where.this.this, where.this.expression]))
         else:
             sel.set("where", None)
     elif kind == "comparison":
-        comps = [c for c in sel.find_all(*_FLIP)]
-        if not comps:
+        if not (comps := list(sel.find_all(*_FLIP))):
             return None
         c = rng.choice(comps)
         c.replace(_FLIP[type(c)](this=c.this, expression=c.expression))
     elif kind == "aggregate":
-        aggs = [a for a in sel.find_all(*_AGGS)]
-        if not aggs:
+        if not (aggs := list(sel.find_all(*_AGGS))):
             return None
         a = rng.choice(aggs)
         a.replace(rng.choice([k for k in _AGGS if k is not type(a)])(this=a.this))
     elif kind == "order":
-        order = t.args.get("order")
-        if order is None:
+        if (order := t.args.get("order")) is None:
             return None
         o = rng.choice(order.expressions)
         o.set("desc", not o.args.get("desc"))
     elif kind == "limit":
-        limit = t.args.get("limit")
-        if limit is None:
+        if (limit := t.args.get("limit")) is None:
             return None
         if rng.random() < 0.5:
             t.set("limit", None)
         else:
             limit.set("expression", exp.Literal.number(rng.choice([2, 3, 5])))
-    elif kind == "distinct":
-        if not sel.args.get("distinct"):
+    elif kind in ("distinct", "group"):
+        if not sel.args.get(kind):
             return None
-        sel.set("distinct", None)
-    elif kind == "group":
-        if sel.args.get("group") is None:
-            return None
-        sel.set("group", None)
+        sel.set(kind, None)
     return t
 
 
@@ -183,8 +160,8 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
                    timeout: float = 5.0, model_sql: list[str] | None = None,
                    canonical: bool = False) -> tuple[list[dict], Counter]:
     """The MSFT records for `examples` (route.datasets.Example), and counts of what was made and dropped.
-    canonical: targets use canonical_sql (measured: no gain for the shipped recipe, see the adapter's card).
-    model_sql[i], if given, is SQL a model wrote for examples[i]: one more NC candidate, labelled the same way."""
+    canonical: targets use canonical_sql (no gain for the shipped recipe: the adapter's card). model_sql[i]:
+    SQL a model wrote for examples[i], one more NC candidate."""
     rng = random.Random(seed)
     records, counts = [], Counter()
     for n, ex in enumerate(examples):
@@ -211,12 +188,10 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
             else:
                 counts["dropped sl: gold not analysable"] += 1
         if "nc" in tasks:
-            cands = []
             edit = nc_candidate(ex.gold_sql, tree, db, rng, nc_correct_share) if tree is not None else None
             if edit is None:
                 counts["dropped nc: no edit applies"] += 1
-            else:
-                cands.append(edit)
+            cands = [] if edit is None else [edit]
             if model_sql is not None and model_sql[n].strip():
                 cands.append((model_sql[n], "model"))
             for sql, kind in cands:
@@ -249,8 +224,8 @@ def write_jsonl(records, path: Path):
 
 
 def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[str]:
-    """The SQL a model writes for each example (plain zero-shot TS, as inference runs it): realistic NC
-    candidates, with the mistakes this model actually makes. model: a path, or None for the default model."""
+    """The SQL a model (a path, or None: the default model) writes for each example, zero-shot TS as inference
+    runs it: NC candidates with the mistakes this model actually makes."""
     from .generate import load_for_inference
     from .mcp import run_chain
 
@@ -261,11 +236,9 @@ def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[st
 
 def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, seed: int = 0,
           limit: int | None = None, val_questions: int = 60, nc_from_model=None, **kw) -> dict:
-    """Build train.jsonl and val.jsonl in `out`; returns the counts. Spider's validation databases
-    (datasets.VALIDATION_DBS) never reach train.jsonl: val.jsonl (the held-out loss) is made of
-    `val_questions` of their questions, so the loss too is measured across databases. A dataset without
-    them (BIRD) holds out a 2% share of its questions instead.
-    nc_from_model: a function examples -> SQL per example (e.g. model_sql) for model-written NC candidates."""
+    """Build train.jsonl and val.jsonl in `out`; returns the counts. val.jsonl (the held-out loss) takes
+    `val_questions` questions of Spider's validation databases (datasets.VALIDATION_DBS), which train.jsonl never
+    sees; a dataset without them (BIRD) holds out 2% of its questions. nc_from_model: e.g. model_sql."""
     ds = load_dataset(data, split)
     held = [e for e in ds.examples if e.db_id in VALIDATION_DBS]
     examples = [e for e in ds.examples if e.db_id not in VALIDATION_DBS]
@@ -303,9 +276,8 @@ def main(argv=None):
                     help="add NC candidates that a model (default: the default model) writes for the questions")
     args = ap.parse_args(argv)
     tasks = TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
-    gen = None
-    if args.nc_from_model is not None:  # the flag alone ("") means the default model
-        gen = lambda exs: model_sql(args.nc_from_model or None, exs)  # noqa: E731
+    # the flag alone ("") means the default model
+    gen = None if args.nc_from_model is None else (lambda exs: model_sql(args.nc_from_model or None, exs))
     counts = build(args.data, args.out, args.split, tasks, args.seed, args.limit, nc_from_model=gen,
                    sample_rows=args.sample_rows, canonical=args.canonical)
     for k in sorted(counts, key=lambda k: (k.startswith("val"), k.strip())):

@@ -1,18 +1,17 @@
 """Shared-prefix packing of training examples: several MSFT records behind one copy of their schema.
 
-The four MSFT tasks (paper Sec. 3.2) of one database all open with the same first prompt part, the system
-prompt and the schema with sample rows (prompts.cut), which is most of their tokens. Packed, a row holds that
-prefix once and then each record's own rest:
+The MSFT records (paper Sec. 3.2) of one database all open with the same system prompt and schema with sample
+rows (prompts.cut), most of their tokens. Packed, a row holds that prefix once, then each record's own rest:
 
     tokens     [ prefix (P) | rest of record 1 | rest of record 2 | ... ]
     positions    0 .. P-1     P .. P+n1-1        P .. P+n2-1            each record continues the prefix
     segments     0            1                  2                       0 = the shared prefix
 
 and attention lets a token see the prefix and the earlier tokens of its own record, never another record:
-mask[i, j] = j <= i and (segment[j] == 0 or segment[j] == segment[i]). Each record then computes exactly what
-it would alone (same keys, values and rotary positions), so loss and gradients equal the unpacked records'
-(tests/test_packing.py checks both in fp32), for about half the tokens. A rest always starts with prompt
-tokens (the question), so no loss crosses from one record into the next.
+mask[i, j] = j <= i and (segment[j] == 0 or segment[j] == segment[i]). Each record computes exactly what it
+would alone (same keys, values and rotary positions): the unpacked records' loss and gradients (checked in
+tests/test_packing.py) for about half the tokens. A rest starts with prompt tokens (the question), so no
+loss crosses from one record into the next.
 """
 import random
 from collections import defaultdict
@@ -23,8 +22,8 @@ from .model import IGNORE  # label of tokens without loss (prompt and padding)
 
 
 def pack_shared_prefix(examples: list[dict], max_len: int, seed: int = 0) -> list[dict]:
-    """Examples with "prefix_len" (from batching.tokenize_examples) -> packed rows of at most max_len tokens
-    (a group's records in seeded random order). An example alone with its prefix is returned as it was."""
+    """Examples with "prefix_len" (batching.tokenize_examples) -> packed rows of at most max_len tokens, a group's
+    records in seeded random order. An example alone with its prefix is returned as it was."""
     groups = defaultdict(list)
     for i, ex in enumerate(examples):
         p = ex.get("prefix_len", 0)

@@ -1,21 +1,16 @@
 """Multitask supervised fine-tuning (ROUTE section 3.1, MSFT): the training loop behind `train.py`.
 
-ROUTE tunes one model on a mix of tasks (text-to-SQL, schema linking, noise correction, continuation
-writing). To this loop they are all the same thing: a prompt followed by an answer, as token ids, with the loss
-on the answer only (batching.tokenize_examples makes such examples). Each optimizer step:
-
-1. Plan (batching.py): a step is world_size * grad_accum length-grouped micro-batches; rank r runs its share.
-2. Accumulate. One example's loss, in one place (below): labels are IGNORE on the prompt; answer_loss shifts
-   them (position t predicts token t+1) and sums the cross-entropy over answer tokens; accumulate divides by
-   the step's global answer-token count, so any split of a step into micro-batches, accumulation rounds or
-   processes yields the gradient of one big batch (what the two-process test checks). The output head runs
-   on answer positions only: prompts are long (schema + rows) and answers short, and a 150k-vocabulary head
-   over every position would cost over a quarter of Qwen2.5-0.5B's FLOPs and its largest activation.
-3. Clip and step: bf16 compute where the hardware does it fast, fp32 master weights, gradient clipping,
-   AdamW, warmup then cosine decay. Dropout is seeded per (step, micro-batch): results depend neither on the
-   process count nor on interruptions.
-4. Log and save (mfu.py, checkpoint.py): progress bar, metrics, periodic held-out loss, atomic checkpoints,
-   exact resume, and Ctrl-C / SIGTERM finishing the step, saving, then raising KeyboardInterrupt.
+Every MSFT task is, to this loop, a prompt then an answer as token ids, with the loss on the answer only
+(batching.tokenize_examples). Each optimizer step:
+1. Plan (batching.py): world_size * grad_accum length-grouped micro-batches; rank r runs its share.
+2. Accumulate: the summed answer-token cross-entropy (answer_loss) divided by the step's global answer-token
+   count, so any split into micro-batches, accumulation rounds or processes gives one big batch's gradient.
+   The output head runs on answer positions only: over every position, a 150k-vocabulary head would cost a
+   quarter of Qwen2.5-0.5B's FLOPs and its largest activation.
+3. Clip and step: bf16 compute where fast, fp32 master weights, AdamW, warmup then cosine. Dropout is seeded
+   per (step, micro-batch): results depend neither on the process count nor on interruptions.
+4. Log and save (mfu.py, checkpoint.py): metrics, held-out loss, atomic checkpoints, exact resume; Ctrl-C or
+   SIGTERM finishes the step, saves, then raises KeyboardInterrupt.
 """
 import math
 import time
@@ -40,13 +35,11 @@ from .weights import load_model
 class TrainConfig:
     out_dir: str = "runs/route"
     base_model: str | None = None  # HF-format model directory: loaded by prepare_model, named in the adapter
-    # what trains
     full: bool = False             # full fine-tuning (the paper's setting) instead of LoRA
     lora_r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_TARGETS
-    # optimisation
     lr: float | None = None        # None: 3e-4 for LoRA, 1e-5 for full fine-tuning
     epochs: int = 3
     max_steps: int | None = None   # overrides epochs
@@ -59,7 +52,6 @@ class TrainConfig:
     clip: float = 1.0              # max gradient norm; 0 disables clipping
     max_len: int = 8192            # longer examples are dropped (with a warning), never truncated
     seed: int = 0
-    # machinery
     dtype: str = "auto"            # auto | bf16 | fp32 (see mfu.compute_dtype)
     device: str = "auto"
     checkpointing: bool = False    # activation checkpointing: recompute each block in backward
@@ -118,11 +110,9 @@ def _check_trainable(raw_model: Transformer, tc: TrainConfig) -> bool:
 
 
 def make_optimizer(trainable: list, tc: TrainConfig, device) -> torch.optim.AdamW:
-    decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on biases and norms
-    rest = [p for p in trainable if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}],
-                             lr=tc.learning_rate, betas=tc.betas, fused=device.type == "cuda")
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # none on biases and norms
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=tc.betas, fused=device.type == "cuda")
 
 
 def lr_at(step: int, total: int, tc: TrainConfig) -> float:
@@ -135,36 +125,26 @@ def lr_at(step: int, total: int, tc: TrainConfig) -> float:
     return lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ------------------------------------------------------------------ the loss: shift, sum, normalize
-
 def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor, positions=None, mask=None):
-    """(summed cross-entropy over answer tokens, their count). Position t predicts token t+1.
-
-    The head runs on answer positions only (model.loss skips IGNORE targets), a chunk at a time: never
-    (B, T, vocab) logits.
-    The loss is computed inside the model's forward, so `model` may be a DDP or FSDP wrapper.
-    """
+    """(summed cross-entropy over answer tokens, their count). Position t predicts token t+1. The model's
+    forward computes it (so `model` may be a DDP or FSDP wrapper), on answer positions only: no (B, T, vocab)."""
     inputs, targets = tokens[:, :-1], labels[:, 1:]  # the last token is only ever a target
-    keep = targets != IGNORE
     if positions is not None:
         positions, mask = positions[:, :-1], mask[:, :, :-1, :-1]
-    return model(inputs, positions, mask, targets=targets), int(keep.sum())
+    return model(inputs, positions, mask, targets=targets), int((targets != IGNORE).sum())
 
 
 def accumulate(model, examples, micro: list[list[int]], count: int, tc: TrainConfig, step: int, rank: int,
                world: int, device, dtype) -> torch.Tensor:
     """Forward and backward this process's share of a step's micro-batches; returns their summed loss.
-
-    Each micro-batch's loss is divided by `count`, the answer tokens of the whole global step, so the
-    accumulated gradient is the mean over all of them whatever the split.
-    """
+    Dividing by `count`, the answer tokens of the whole global step, makes the gradient their mean."""
     mine = micro[rank * tc.grad_accum:(rank + 1) * tc.grad_accum]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for k, idx in enumerate(mine):
-        torch.manual_seed(_micro_seed(tc.seed, step, rank * tc.grad_accum + k))  # dropout: same for any split
+        # dropout: one stream per micro-batch of the global step, whatever the split
+        torch.manual_seed((tc.seed * 1_000_003 + step) * 10_007 + rank * tc.grad_accum + k)
         batch = collate(examples, idx, device)
-        last = k == len(mine) - 1
-        # accumulate locally; gradients are exchanged once, after the step's last micro-batch
+        last = k == len(mine) - 1  # gradients are exchanged once, after the step's last micro-batch
         if sharded(tc, world):
             model.set_requires_gradient_sync(last)
         with model.no_sync() if world > 1 and not sharded(tc, world) and not last else nullcontext():
@@ -175,17 +155,13 @@ def accumulate(model, examples, micro: list[list[int]], count: int, tc: TrainCon
     return loss_sum
 
 
-def _micro_seed(seed: int, step: int, micro: int) -> int:
-    return (seed * 1_000_003 + step) * 10_007 + micro  # one dropout stream per micro-batch of the global step
-
-
 @torch.no_grad()
 def evaluate(model, examples: list[dict], batch_tokens: int, dtype: torch.dtype, device: torch.device) -> float:
-    """Mean cross-entropy per answer token over `examples`, shared out over the processes."""
+    """Mean cross-entropy per answer token over `examples`, shared out over the processes; leaves `model` in
+    training mode."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     lengths = [len(e["input_ids"]) for e in examples]
     batches = pack(sorted(range(len(examples)), key=lambda i: lengths[i]), lengths, batch_tokens)
-    was_training = model.training
     model.eval()
     loss, count = 0.0, 0
     # every rank runs the same number of forwards (FSDP's all-gathers are collective): spares repeat batch 0
@@ -196,11 +172,9 @@ def evaluate(model, examples: list[dict], batch_tokens: int, dtype: torch.dtype,
         if j < len(batches):
             loss, count = loss + s.item(), count + n
     loss, count = sum_over_ranks(loss, count, device=device)
-    model.train(was_training)
+    model.train()
     return loss / max(count, 1)
 
-
-# ------------------------------------------------------------------------------------------- the loop
 
 def clip_gradients(params: list, max_norm: float, step: int) -> float:
     """Clip the global gradient norm to max_norm (0: no clipping); returns the norm before clipping."""
@@ -214,9 +188,8 @@ def clip_gradients(params: list, max_norm: float, step: int) -> float:
 
 def train(model: Transformer, examples: list[dict], tc: TrainConfig, eval_examples: list[dict] | None = None
           ) -> list[dict]:
-    """Fine-tune `model` (from prepare_model) on `examples`; returns the per-step metrics. Writes into
-    tc.out_dir: metrics.jsonl, checkpoint.pt, and at the end adapter/ (PEFT format) or, for full fine-tuning,
-    model/ (HF format). Raises KeyboardInterrupt after saving if stopped by Ctrl-C or SIGTERM."""
+    """Fine-tune `model` (from prepare_model); returns the per-step metrics. Writes metrics.jsonl, checkpoint.pt,
+    then adapter/ (PEFT) or model/ (HF) into tc.out_dir. On Ctrl-C / SIGTERM: saves, raises KeyboardInterrupt."""
     rank, world, device, dtype, log = _this_process(model, tc)
     raw_model, full, out = model, _check_trainable(model, tc), Path(tc.out_dir)
     plan = Plan.make(examples, eval_examples, tc, world, log)
@@ -275,7 +248,6 @@ def train(model: Transformer, examples: list[dict], tc: TrainConfig, eval_exampl
 
 
 def _describe(meta: dict, plan: Plan, trainable: list, progress: Progress, device, dtype, world: int) -> str:
-    """The run in one log line: data, steps, what trains, where, and the MFU convention."""
     return (f"{meta['examples']} examples, {meta['steps']} steps ({plan.epoch_ends[-1]:.2f} epochs) of "
             f"{plan.group} micro-batches, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
             f"{str(dtype).removeprefix('torch.')} on {device}, world size {world}; MFU counts "

@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import groupby
 from pathlib import Path
 
 from .sandbox import HEAP_LIMIT, MAX_SQL, MAX_VALUE, WATCHDOG, TooLarge, connect, is_query, lock_down
@@ -84,14 +85,11 @@ def _read_tables(conn: sqlite3.Connection) -> list[Table]:
     by_name = {t.name.lower(): t for t in tables}
     for t in tables:
         # rows of a composite key share an id; `to` is NULL when the key points at the parent's primary key
-        groups: dict[int, list] = {}
-        for fk_id, _seq, ref, frm, to in conn.execute(
-                'SELECT id, seq, "table", "from", "to" FROM pragma_foreign_key_list(?) ORDER BY id, seq',
-                (t.name,)):
-            groups.setdefault(fk_id, []).append((ref, frm, to))
-        for parts in groups.values():
-            fk = _resolve_fk(t, by_name.get(parts[0][0].lower()), parts)
-            if fk is not None:
+        rows = conn.execute('SELECT id, "table", "from", "to" FROM pragma_foreign_key_list(?) ORDER BY id, seq',
+                            (t.name,))
+        for _, group in groupby(rows, key=lambda r: r[0]):
+            parts = [r[1:] for r in group]
+            if (fk := _resolve_fk(t, by_name.get(parts[0][0].lower()), parts)) is not None:
                 t.foreign_keys.append(fk)
     return tables
 
@@ -242,12 +240,12 @@ class Database:
                 finally:
                     self._conn.text_factory = str
         except Exception as e:  # noqa: BLE001 - anything a query does is reported, never raised
-            return ExecResult([], [], self._message(e, timeout, deadline), seconds=time.monotonic() - start)
+            return ExecResult([], [], self._message(e, timeout), seconds=time.monotonic() - start)
         finally:
             WATCHDOG.disarm(watch)
         return ExecResult(rows, columns, None, truncated, time.monotonic() - start)
 
-    def _message(self, e: Exception, timeout: float, deadline: float) -> str:
+    def _message(self, e: Exception, timeout: float) -> str:
         # SQLite's own words ("no such column: x") are what noise correction shows the model
         text = str(e)
         if text == "interrupted":

@@ -3,8 +3,8 @@
 ROUTE (Qin et al., ICLR 2025) shows the model a database as one `CREATE TABLE` per table and a few sample rows
 per table (the "/* Database schema */" and "/* Sample rows of each table */" blocks of its prompts), prunes that
 schema to the schema-linking result (MCP chain, Sec. 3.3), and executes SQL: noise correction reads the error,
-EX compares results. The schema is read from the database itself (`PRAGMA table_info`, `foreign_key_list`), not
-from a JSON description, so a user's own SQLite file works the same way.
+EX compares results. The schema is read from the file itself (`PRAGMA table_info`, `foreign_key_list`), so a
+user's own SQLite file works the same way.
 
 Nothing a model writes may change a database, read a file, or hold the process: sandbox.py opens every
 connection read-only and bounds each query's time and memory (a result over a cap is an error, never fewer rows).

@@ -1,12 +1,12 @@
 """Deterministic SQL repair from the schema: the chain's first answer to a failing query (MCP, Sec. 3.3).
 
-A small model's failing queries are mostly a real column under the wrong alias (`no such column: T2.name`
-when only T1's table has `name`), a near-miss spelling of a column or table, or a join written without its
-key. Each is repaired from the schema with sqlglot, only where exactly one repair exists:
+A small model's failing queries are mostly one of three mistakes, each repaired from the schema with sqlglot,
+only where exactly one repair exists:
 
   column under the wrong alias   T2.name -> T1.name, when exactly one table of the query has the column
   near-miss column or table      song_nam -> song_name (difflib, one close match among the tables in scope)
   join without its key           JOIN b (no ON) -> JOIN b ON a.x = b.y, from the one foreign key between them
+  join left out                  columns only one other table has -> JOIN it on the one foreign key to it
 
 The caller executes the result and keeps it only if it runs (mcp.py). Nothing here asks the model.
 """

@@ -149,6 +149,11 @@ def _unwrap(node):
     return node
 
 
+def from_items(select: exp.Select) -> list[exp.Expression]:
+    """What a SELECT's FROM and JOINs name (tables, subqueries, ...), in order."""
+    return [s.this for s in [select.args.get("from_"), *(select.args.get("joins") or [])] if s is not None]
+
+
 def order_matters(sql: str) -> bool:
     """Does the query order its result at the top level? (Then EX compares rows in order.)
     Text that does not parse falls back to Spider's own test: 'order by' anywhere."""
@@ -221,11 +226,6 @@ def _collect(query, db, out, outer: list[dict], ctes: frozenset) -> None:
                 _add_column(scopes, node.name, node.table, db, out)
         elif isinstance(node, exp.Star) and node.parent is query:
             _add_star(scopes, "", out)
-
-
-def from_items(select: exp.Select) -> list[exp.Expression]:
-    """What a SELECT's FROM and JOINs name (tables, subqueries, ...), in order."""
-    return [s.this for s in [select.args.get("from_"), *(select.args.get("joins") or [])] if s is not None]
 
 
 def _add_column(scopes, name: str, qualifier: str, db, out) -> None:

@@ -71,8 +71,6 @@ class ExecResult:
 
 
 # -- reading the schema ------------------------------------------------------------------------------------
-
-
 def _read_tables(conn: sqlite3.Connection) -> list[Table]:
     names = [r[0] for r in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
@@ -112,8 +110,6 @@ def _resolve_fk(table: Table, parent: Table | None, parts: list) -> ForeignKey |
 
 
 # -- rendering the prompt ----------------------------------------------------------------------------------
-
-
 @lru_cache(maxsize=None)
 def quote(name: str) -> str:
     """An identifier as SQLite accepts it: bare when it parses as a plain name, else double-quoted.
@@ -190,7 +186,6 @@ class Database:
             del _OPEN[str(self.path)]
 
     # -- execution --
-
     def execute(self, sql: str, timeout: float = DEFAULT_TIMEOUT, max_rows: int = MAX_ROWS,
                 max_bytes: int = MAX_BYTES) -> ExecResult:
         """Run one query; never raises. Errors (syntax, timeout, refused writes) come back as `error`, a
@@ -281,7 +276,6 @@ class Database:
             cursor.close()
 
     # -- prompt --
-
     def sample_rows(self, k: int = 3) -> dict[str, list[tuple]]:
         """The first k rows of every table (in storage order, which is stable for a given file)."""
         if k not in self._samples:

@@ -162,7 +162,6 @@ def evaluate(preds, examples: list[Example] | Dataset, mode: str = "spider", tim
 
 
 # -- files -------------------------------------------------------------------------------------------------
-
 PLACEHOLDER = "SELECT 1"  # the answer of a question the chain could not answer: it runs, scores wrong, holds the line
 BIRD_SEP = "\t----- bird -----\t"  # BIRD's predict_dev.json values are "SQL<BIRD_SEP>db_id"
 _QUOTED = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")

@@ -19,7 +19,6 @@ DIALECT = "sqlite"
 LEVELS = ("easy", "medium", "hard", "extra")
 
 # -- extraction from model output --------------------------------------------------------------------------
-
 _FENCE = re.compile(r"```(.*?)(?:```|\Z)", re.S)  # a fence left open runs to the end of the text
 _START = [re.compile(r"\bSELECT\b"),  # upper case first: "select" is also an English word
           re.compile(r"\bWITH\s+(?:RECURSIVE\s+)?[\w\"`\[\]]+\s*(?:\([^()]*\)\s*)?AS\s*\(", re.I),
@@ -85,11 +84,8 @@ def _statement(text: str, stop_at_blank_line: bool) -> str:
 
 
 # -- parsing -----------------------------------------------------------------------------------------------
-
-
 # sqlglot raises ParseError, TokenError, RecursionError, ... on what a model writes: _parse, _tokens and to_sql
 # are this module's only calls into it that can fail, and each turns any failure into None.
-
 def _tree(sql) -> exp.Query | None:
     """The cached, shared tree of a query (callers in this module only read it), or None."""
     return _parse(sql) if isinstance(sql, str) and sql.strip() else None
@@ -176,8 +172,6 @@ def remove_distinct(sql: str) -> str:
 
 
 # -- tables and columns ------------------------------------------------------------------------------------
-
-
 def used_schema(sql: str, db) -> dict[str, set[str]]:
     """table -> columns the query reads, spelled as in `db`'s schema (anything with `.table(name)`), resolving
     aliases, derived tables, CTEs, correlated subqueries and set operations. `SELECT *` and `t.*` read every
@@ -264,7 +258,6 @@ def count_tables(sql: str) -> int:
 
 
 # -- clause boundaries -------------------------------------------------------------------------------------
-
 _CLAUSES = {"FROM", "WHERE", "GROUP_BY", "HAVING", "ORDER_BY", "LIMIT", "UNION", "INTERSECT", "EXCEPT"}
 
 
@@ -299,8 +292,6 @@ def clause_prefixes(sql: str) -> list[str]:
 
 
 # -- Spider's difficulty -----------------------------------------------------------------------------------
-
-
 def difficulty(sql: str) -> str:
     """Spider's hardness level (easy / medium / hard / extra), or "unknown" for text that does not parse.
     As `eval_hardness` in Spider's evaluation.py, quirks included: only the outermost SELECT is inspected (of a

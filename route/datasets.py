@@ -8,7 +8,7 @@ ROUTE (Qin et al., ICLR 2025) trains on Spider's and BIRD's training sets and ev
     BIRD:   dev.json (with "evidence" and "difficulty"), dev_tables.json, dev_databases/<db>/<db>.sqlite,
             and the same with train_ for the training split
 
-An example whose database file is missing is skipped and counted; malformed JSON is an error naming the file.
+An example whose database file is missing is skipped and counted; malformed JSON is an error naming file and place.
 """
 
 from __future__ import annotations
@@ -108,17 +108,19 @@ def layout(root: Path) -> str:
 def _files_and_db_dirs(root: Path, kind: str, split: str) -> tuple[list[Path], list[Path]]:
     if split.endswith(".json") or "/" in split or "\\" in split:  # a file, not a split name
         as_path = Path(split)
-        files = [as_path if as_path.is_absolute() or as_path.is_file() else root / as_path]
-        split = files[0].stem.split("_")[0]  # dev_sample.json -> dev: which database folder to look in first
-        bird_dirs = [root / f"{split}_databases"] + sorted(root.glob("*_databases"))
-    else:
-        spider_files = {"train": [root / "train_spider.json", root / "train_others.json"],
-                        "val": [root / "train_spider.json"]}
-        files = spider_files.get(split, [root / f"{split}.json"]) if kind == "spider" else [root / f"{split}.json"]
-        bird_dirs = [root / f"{split}_databases"]
+        path = as_path if as_path.is_absolute() or as_path.is_file() else root / as_path
+        stem = path.stem.split("_")[0]  # dev_sample.json -> dev: which database folder to look in first
+        if kind == "spider":
+            db_dirs = [root / "test_database", root / "database"] if stem == "test" else [root / "database"]
+        else:
+            db_dirs = [root / f"{stem}_databases"] + sorted(root.glob("*_databases"))
+        return [path], db_dirs
     if kind == "spider":
-        return files, ([root / "test_database"] if split == "test" else []) + [root / "database"]
-    return files, bird_dirs
+        files = {"train": [root / "train_spider.json", root / "train_others.json"],
+                 "val": [root / "train_spider.json"]}.get(split, [root / f"{split}.json"])
+        db_dirs = [root / "test_database", root / "database"] if split == "test" else [root / "database"]
+        return files, db_dirs
+    return [root / f"{split}.json"], [root / f"{split}_databases"]
 
 
 def load_dataset(root: str | Path, split: str = "dev") -> Dataset:

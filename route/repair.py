@@ -1,6 +1,6 @@
 """Deterministic SQL repair from the schema: the chain's first answer to a failing query (MCP, Sec. 3.3).
 
-A small model's failing queries are mostly one of three mistakes, each repaired from the schema with sqlglot,
+A small model's failing queries mostly make one of these mistakes, each repaired from the schema with sqlglot
 only where exactly one repair exists:
 
   column under the wrong alias   T2.name -> T1.name, when exactly one table of the query has the column

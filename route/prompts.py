@@ -75,10 +75,6 @@ def instructions(task: str, fewshot: bool) -> str:
     return "\n".join(lines) + "\n\nNow the task on the database above."
 
 
-def question_block(question: str, evidence: str = "") -> str:
-    return f"### Question: {question.strip()}" + (f"\n### Hint: {evidence.strip()}" if evidence else "")
-
-
 def describe_execution(result) -> str:
     """What NC sees of a query's run: the error, or the row count and the first rows."""
     if result.error:
@@ -93,7 +89,7 @@ def describe_execution(result) -> str:
 def messages(task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False, sql: str = "",
              execution: str = "", partial: str = "") -> tuple[list[dict], str]:
     """The chat messages of one task prompt, and the text that opens the assistant's answer."""
-    inputs = question_block(question, evidence)
+    inputs = f"### Question: {question.strip()}" + (f"\n### Hint: {evidence.strip()}" if evidence else "")
     if task == "nc":
         inputs += f"\n### SQL: {sql.strip()}\n### Execution: {execution}"
     user = f"{schema}\n\n{instructions(task, fewshot)}\n\n{inputs}"

@@ -16,11 +16,12 @@ import math
 import re
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -150,12 +151,9 @@ def model_config(meta: dict, tensors: dict, source) -> dict:
     return config
 
 
-def special_token_ids(meta: dict) -> tuple[list[int], list[int]]:
-    """(control ids, user-defined ids): tokens to be matched whole in text, never split by BPE."""
-    types = meta.get("tokenizer.ggml.token_type") or []
-    control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL]
-    user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED]
-    return control, user
+def token_ids(meta: dict, kind: int) -> list[int]:
+    """The ids of one token type; control and user-defined tokens are matched whole in text, never split by BPE."""
+    return [i for i, t in enumerate(meta.get("tokenizer.ggml.token_type") or []) if t == kind]
 
 
 def build_tokenizer(meta: dict, source):
@@ -187,7 +185,7 @@ def build_tokenizer(meta: dict, source):
         tok.normalizer = normalizers.NFC()  # as Qwen2's own tokenizer.json (transformers' GGUF reader omits it)
     tok.decoder = decoders.ByteLevel()
 
-    control, user = special_token_ids(meta)
+    control, user = token_ids(meta, TOKEN_CONTROL), token_ids(meta, TOKEN_USER_DEFINED)
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
     bos = meta.get("tokenizer.ggml.bos_token_id")
@@ -208,7 +206,7 @@ def tokenizer_files(meta: dict, max_length: int) -> tuple[dict, dict]:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and i < len(tokens) else None
 
-    control, _ = special_token_ids(meta)
+    control = token_ids(meta, TOKEN_CONTROL)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     ids = [eos, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")]
     stops = [i for i in ids if i is not None] + [i for i in control if tokens[i] in END_OF_GENERATION]
@@ -338,7 +336,6 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
 
 def file_type(code) -> str | None:
     """general.file_type -> llama.cpp's name for the quantization mix, e.g. 15 -> "Q4_K_M"."""
-    from gguf import LlamaFileType
     try:
         return LlamaFileType(code).name.removeprefix("MOSTLY_")
     except ValueError:
@@ -346,7 +343,6 @@ def file_type(code) -> str | None:
 
 
 def _gguf_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
     try:
         return version("gguf")
     except PackageNotFoundError:

@@ -51,12 +51,6 @@ class Trace:
     rows: list = field(default_factory=list)
 
 
-def _unanimous(candidates: list[dict]) -> bool:
-    """Two or more candidates ran, and all returned the same result (one vote group)."""
-    ran = [c for c in candidates if c["error"] is None]
-    return len(ran) >= 2 and len({c["group"] for c in ran}) == 1
-
-
 def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0,
               temperature: float = 0.8, seed: int = 0, repair: bool = True, recall_sl: bool = True, base=None,
               batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True,
@@ -176,9 +170,12 @@ class _Chain:
         """3. Noise correction with execution feedback, where the candidates disagree: when two or more ran
         and all returned one result, NC has little to add (on the validation split it fixed 1 of 187 such
         answers) and skipping it saves most of the step's time."""
-        todo = [i for i, tr in enumerate(self.traces) if not _unanimous(tr.candidates)]
-        for tr in self.traces:
+        todo = []
+        for i, tr in enumerate(self.traces):
             tr.nc, tr.nc_sql = "skipped: candidates agree", tr.sql
+            groups = [c["group"] for c in tr.candidates if c["error"] is None]  # of the candidates that ran
+            if len(groups) < 2 or len(set(groups)) > 1:
+                todo.append(i)
         items = [(i, self.full("nc", i, sql=self.traces[i].sql, execution=prompts.describe_execution(
             self.dbs[i].execute(self.traces[i].sql, timeout=TIMEOUT)))) for i in todo]
         for (i, _), out in zip(items, self.ask("nc", items)):

@@ -75,12 +75,8 @@ def _questions(stdin, out):
     """Questions until an empty line or end of input: a terminal's with a prompt (input()), a pipe's echoed."""
     tty = stdin.isatty()
     while True:
-        if tty:
-            line = input("question> ")
-        else:
-            line = stdin.readline()
-            if not line:
-                return
+        line = input("question> ") if tty else stdin.readline()
+        if line and not tty:
             print(f"> {line.rstrip()}", file=out)
         if not line.strip():
             return

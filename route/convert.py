@@ -92,8 +92,7 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, origin
     if mid.sum() >= 2:  # smooth = (x - low) / (high - low): fit the line
         smooth = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit(x[mid], smooth, 1)
-        low = -intercept / slope
-        high = low + 1 / slope
+        low, high = -intercept / slope, (1 - intercept) / slope  # where smooth is 0 and 1
     else:  # too few points to fit: Llama-3.1's values, checked below like any fit
         low, high = 1.0, 4.0
     scaling = {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": round(float(low), 4),

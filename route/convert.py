@@ -225,13 +225,12 @@ def tokenizer_files(meta: dict, max_length: int) -> tuple[dict, dict]:
     return tok_cfg, gen_cfg
 
 
-def convert_tensors(reader: GGUFReader, config: dict, dtype: torch.dtype, source, progress: bool):
+def convert_tensors(tensors: dict, config: dict, dtype: torch.dtype, source, progress: bool):
     """HF state dict plus notes on what was done: quantization types seen, the tied-embedding decision."""
-    tensors = {t.name: t for t in reader.tensors}
     unpermute_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state, types = {}, {}
     # progress: True for a bar of its own, or a function given each tensor's bytes (route.hub's single bar)
-    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress or callable(progress),
+    for t in tqdm(tensors.values(), desc="dequantizing", unit="tensor", disable=not progress or callable(progress),
                   file=sys.stderr):
         if callable(progress):
             progress(int(t.n_bytes))
@@ -308,8 +307,9 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
         raise ConversionError(f"{src}: architecture {arch!r} is not supported (this converter knows "
                               f"{', '.join(ARCHITECTURES)})")
     tokenizer = build_tokenizer(meta, src)  # before the slow part: an unsupported tokenizer fails fast
-    config = model_config(meta, {t.name: t for t in reader.tensors}, src)
-    state, notes = convert_tensors(reader, config, dtype, src, progress)
+    tensors = {t.name: t for t in reader.tensors}
+    config = model_config(meta, tensors, src)
+    state, notes = convert_tensors(tensors, config, dtype, src, progress)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tok_cfg, gen_cfg = tokenizer_files(meta, config["max_position_embeddings"])
 

@@ -1,4 +1,4 @@
-"""The default model: where it is cached, how it is fetched and verified (README, "The default model").
+"""The default model: where it is cached, how it is fetched and verified (README, "Default model").
 
     python -m route.hub            # fetch the default model now (the command-line tools do it on first use)
 
@@ -271,9 +271,9 @@ def _in_use(parent: Path):
         raise KeyboardInterrupt("terminated")
 
     ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if ours:
-        signal.signal(signal.SIGTERM, terminate)
     try:
+        if ours:
+            signal.signal(signal.SIGTERM, terminate)
         with lock:
             if fcntl is None:
                 _sweep(parent, older_than=24 * 3600)

@@ -2,13 +2,11 @@
 
     python -m route.convert model.gguf out_dir [--dtype bf16|fp32]
 
-A GGUF (llama.cpp's format) holds quantized weights plus, as metadata, the config and the tokenizer. We write
-config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json, and
-provenance.json plus README.md saying where it came from. Dequantization is the `gguf` package's (llama.cpp's
-reference reader): the result is exactly the quantized model widened to bf16 or fp32, not the original
-full-precision weights. llama.cpp permutes the rows of Llama's q/k projections (its RoPE pairs adjacent
-dimensions, HF's pairs i with i + d/2); we undo that. Only qwen2 and llama with byte-level BPE tokenizers are
-accepted; anything else is refused with the file and the reason.
+A GGUF (llama.cpp's format) holds quantized weights and, as metadata, the config and the tokenizer; we write
+them as HF files, plus provenance.json and README.md saying where they came from. Dequantization is the `gguf`
+package's (llama.cpp's reference reader): the result is exactly the quantized model widened to bf16 or fp32, not
+the original full-precision weights. Only qwen2 and llama with byte-level BPE tokenizers are accepted (Llama's
+q/k rows are unpermuted); anything else is refused with the file and the reason.
 """
 import argparse
 import json

@@ -1,12 +1,8 @@
-"""The command-line tools' last word on a failure: one line that names what is at fault, never a traceback.
-
-    if __name__ == "__main__":
-        cli.run(main)
+"""The command-line tools' last word on a failure (`cli.run(main)`): one line naming what is at fault.
 
 Errors a user can cause (a missing or malformed file, a bad option, a failed fetch) end in `error: <message>`
-on stderr and exit status 1; every message raised in route/ names its file, variable or field. Ctrl-C ends
-in `interrupted` and status 130, after the interrupt has travelled up as an exception, so every `finally`
-and `with` on the way (temporary directories, checkpoints) has cleaned up. ROUTE_DEBUG=1 shows the traceback.
+on stderr and exit status 1. Ctrl-C ends in `interrupted` and status 130, after the interrupt has travelled up
+as an exception, so every `finally` and `with` on the way has cleaned up. ROUTE_DEBUG=1 shows the traceback.
 """
 import os
 import sys

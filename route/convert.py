@@ -2,16 +2,11 @@
 
     python -m route.convert model.gguf out_dir [--dtype bf16|fp32]
 
-A GGUF (llama.cpp's format) holds quantized weights plus, as metadata, the config and the tokenizer. We turn it
-into what the rest of this project reads: `config.json`, `model.safetensors`, `generation_config.json`,
-`tokenizer.json`, `tokenizer_config.json`, plus `provenance.json` and `README.md` saying where it came from.
-
-- Dequantization is the `gguf` package's (llama.cpp's reference reader); nothing here decodes blocks by hand.
-  The result is exactly the quantized model, widened to bf16 or fp32: not the original full-precision weights.
-- llama.cpp permutes the rows of Llama's q/k projections (its RoPE pairs adjacent dimensions, HF's pairs i with
-  i + d/2); we undo that. Qwen2 files are written unpermuted.
-- Only the two decoder families this project runs (qwen2, llama) with byte-level BPE tokenizers are accepted;
-  anything else is refused with the file and the reason.
+A GGUF (llama.cpp's format) holds quantized weights and, as metadata, the config and the tokenizer; we write
+them as HF files, plus provenance.json and README.md saying where they came from. Dequantization is the `gguf`
+package's (llama.cpp's reference reader): the result is exactly the quantized model widened to bf16 or fp32, not
+the original full-precision weights. Only qwen2 and llama with byte-level BPE tokenizers are accepted (Llama's
+q/k rows are unpermuted); anything else is refused with the file and the reason.
 """
 import argparse
 import json
@@ -19,15 +14,17 @@ import math
 import re
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .cli import run
 from .files import atomic_dir, sha256_file
 from .weights import as_dtype
 
@@ -35,12 +32,9 @@ ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 # GGUF tensor names -> HF names ("blk.N." becomes "model.layers.N.")
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
+LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 # Split regexes of the byte-level BPE pre-tokenizers we know, by `tokenizer.ggml.pre` (from the models'
 # own tokenizer.json files; llama.cpp's llama-vocab.cpp has the same table).
@@ -64,18 +58,9 @@ class ConversionError(ValueError):
     pass
 
 
-def read_metadata(reader: GGUFReader) -> dict:
-    return {name: field.contents() for name, field in reader.fields.items()}
-
-
 def _f32(x) -> float:
     # GGUF stores floats as float32: print the shortest decimal that round-trips (1e-06, not 9.99999997e-07)
     return float(str(np.float32(x)))
-
-
-def bits_per_weight(qtype: GGMLQuantizationType) -> float:
-    block, nbytes = GGML_QUANT_SIZES[qtype]
-    return 8 * nbytes / block
 
 
 def hf_name(gguf_name: str, source) -> str:
@@ -94,12 +79,10 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, original: int, source) -> dict:
-    """Recover Llama-3.1's rope_scaling from the per-frequency divisors llama.cpp stores as `rope_freqs`.
-
-    HF's formula keeps high frequencies, divides low ones by `factor` and blends in between, linearly in
-    1/wavelength. `factor` is the largest divisor; the blend's line gives low/high_freq_factor. Only
-    original/low and original/high matter, so `original` is a free choice (8192, Llama-3.1's, by default).
-    """
+    """Recover Llama-3.1's rope_scaling from the per-frequency divisors llama.cpp stores as `rope_freqs`. HF's
+    formula keeps high frequencies, divides low ones by `factor` (the largest divisor) and blends in between,
+    linearly in 1/wavelength: the blend's line gives low/high_freq_factor. Only original/low and original/high
+    matter, so `original` is a free choice (8192, Llama-3.1's, by default)."""
     factors = factors.astype(np.float64)
     factor = float(factors.max())
     x = original * (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)) / (2 * math.pi)  # original/wavelen
@@ -107,14 +90,13 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, origin
     if mid.sum() >= 2:  # smooth = (x - low) / (high - low): fit the line
         smooth = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit(x[mid], smooth, 1)
-        low = -intercept / slope
-        high = low + 1 / slope
+        low, high = -intercept / slope, (1 - intercept) / slope  # where smooth is 0 and 1
     else:  # too few points to fit: Llama-3.1's values, checked below like any fit
         low, high = 1.0, 4.0
     scaling = {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": round(float(low), 4),
                "high_freq_factor": round(float(high), 4), "original_max_position_embeddings": original}
-    smooth = np.clip((x - scaling["low_freq_factor"]) / (scaling["high_freq_factor"] - scaling["low_freq_factor"]),
-                     0, 1)
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]  # checked as rounded
+    smooth = np.clip((x - low) / (high - low), 0, 1)
     rebuilt = 1 / ((1 - smooth) / scaling["factor"] + smooth)
     if not np.allclose(rebuilt, factors, rtol=1e-3):
         raise ConversionError(f"{source}: rope_freqs is not a Llama-3 rope scaling this converter can express")
@@ -139,42 +121,36 @@ def model_config(meta: dict, tensors: dict, source) -> dict:
         raise ConversionError(f"{source}: partial rotary embeddings are not supported")
     theta = _f32(get("rope.freq_base", 10000.0))
     vocab = int(tensors["token_embd.weight"].shape[-1])  # the matrix is the truth, not the token list
-    config = {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
-        "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")), "num_attention_heads": n_heads,
-        "num_key_value_heads": int(n_kv), "hidden_act": "silu",
-        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")), "rope_theta": theta, "rope_scaling": None,
-        "max_position_embeddings": int(get("context_length")), "vocab_size": vocab,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-    }
+    config = {"architectures": [ARCHITECTURES[arch]], "model_type": arch, "hidden_size": hidden,
+              "intermediate_size": int(get("feed_forward_length")), "num_hidden_layers": int(get("block_count")),
+              "num_attention_heads": n_heads, "num_key_value_heads": int(n_kv), "hidden_act": "silu",
+              "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")), "rope_theta": theta,
+              "rope_scaling": None, "max_position_embeddings": int(get("context_length")), "vocab_size": vocab,
+              "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+              "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True}
     if arch == "qwen2":
         if head_dim != hidden // n_heads:
             config["head_dim"] = head_dim
         config.update(use_sliding_window=False, sliding_window=config["max_position_embeddings"],
-                   max_window_layers=config["num_hidden_layers"])
+                      max_window_layers=config["num_hidden_layers"])
     else:
         config.update(head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias=False,
-                   pretraining_tp=1)
+                      pretraining_tp=1)
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind not in ("none", "llama3"):
         raise ConversionError(f"{source}: rope scaling {kind!r} is not supported (only Llama-3's)")
     if "rope_freqs.weight" in tensors:
         t = tensors["rope_freqs.weight"]
         original = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
-        config["rope_scaling"] = llama3_rope_scaling(dequantize(t.data, t.tensor_type), theta, head_dim, original,
-                                                  source)
+        factors = dequantize(t.data, t.tensor_type)
+        config["rope_scaling"] = llama3_rope_scaling(factors, theta, head_dim, original, source)
     return config
 
 
-def special_token_ids(meta: dict) -> tuple[list[int], list[int]]:
-    """(control ids, user-defined ids): tokens to be matched whole in text, never split by BPE."""
-    types = meta.get("tokenizer.ggml.token_type") or []
-    control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL]
-    user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED]
-    return control, user
+def token_ids(meta: dict, kind: int) -> list[int]:
+    """The ids of one token type; control and user-defined tokens are matched whole in text, never split by BPE."""
+    return [i for i, t in enumerate(meta.get("tokenizer.ggml.token_type") or []) if t == kind]
 
 
 def build_tokenizer(meta: dict, source):
@@ -206,7 +182,7 @@ def build_tokenizer(meta: dict, source):
         tok.normalizer = normalizers.NFC()  # as Qwen2's own tokenizer.json (transformers' GGUF reader omits it)
     tok.decoder = decoders.ByteLevel()
 
-    control, user = special_token_ids(meta)
+    control, user = token_ids(meta, TOKEN_CONTROL), token_ids(meta, TOKEN_USER_DEFINED)
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
     bos = meta.get("tokenizer.ggml.bos_token_id")
@@ -227,37 +203,32 @@ def tokenizer_files(meta: dict, max_length: int) -> tuple[dict, dict]:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and i < len(tokens) else None
 
-    control, _ = special_token_ids(meta)
+    control = token_ids(meta, TOKEN_CONTROL)
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    stops = [i for i in [eos, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")]
-             if i is not None]
-    stops += [i for i in control if tokens[i] in END_OF_GENERATION]
+    ids = [eos, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")]
+    stops = [i for i in ids if i is not None] + [i for i in control if tokens[i] in END_OF_GENERATION]
     stops = list(dict.fromkeys(stops))
-    tok_cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # i.e. "use tokenizer.json as it is"
-        "bos_token": text("bos"), "eos_token": text("eos"), "unk_token": text("unknown"),
-        "pad_token": text("padding") or text("eos"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_length,
-    }
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # i.e. "use tokenizer.json as it is"
+               "bos_token": text("bos"), "eos_token": text("eos"), "unk_token": text("unknown"),
+               "pad_token": text("padding") or text("eos"),
+               "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+               "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+               "clean_up_tokenization_spaces": False, "model_max_length": max_length}
     if "tokenizer.chat_template" in meta:
         tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
-    pad = meta.get("tokenizer.ggml.padding_token_id", eos)
     # No sampling settings: the GGUF does not carry them, and this project decodes greedily.
     gen_cfg = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-               "eos_token_id": stops if len(stops) > 1 else eos, "pad_token_id": pad}
+               "eos_token_id": stops if len(stops) > 1 else eos,
+               "pad_token_id": meta.get("tokenizer.ggml.padding_token_id", eos)}
     return tok_cfg, gen_cfg
 
 
-def convert_tensors(reader: GGUFReader, config: dict, dtype: torch.dtype, source, progress: bool):
+def convert_tensors(tensors: dict, config: dict, dtype: torch.dtype, source, progress: bool):
     """HF state dict plus notes on what was done: quantization types seen, the tied-embedding decision."""
-    tensors = {t.name: t for t in reader.tensors}
     unpermute_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state, types = {}, {}
     # progress: True for a bar of its own, or a function given each tensor's bytes (route.hub's single bar)
-    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress or callable(progress),
+    for t in tqdm(tensors.values(), desc="dequantizing", unit="tensor", disable=not progress or callable(progress),
                   file=sys.stderr):
         if callable(progress):
             progress(int(t.n_bytes))
@@ -282,19 +253,15 @@ def convert_tensors(reader: GGUFReader, config: dict, dtype: torch.dtype, source
         diff = float((embed - out).norm() / out.norm()) if embed.shape == out.shape else math.inf
         if diff < TIE_TOLERANCE:
             # One matrix stored twice at different precisions: keep the model tied, from the better copy.
-            better = max(("output.weight", "token_embd.weight"), key=lambda n: bits_per_weight(tensors[n].tensor_type))
+            quant = {n: GGML_QUANT_SIZES[tensors[n].tensor_type] for n in ("output.weight", "token_embd.weight")}
+            better, other = sorted(quant, key=lambda n: -quant[n][1] / quant[n][0])  # (block, bytes): most bits first
             if better == "output.weight":
                 state["model.embed_tokens.weight"] = out
             del state["lm_head.weight"]
-            other = "token_embd.weight" if better == "output.weight" else "output.weight"
             notes["tied_embeddings"] = (
                 f"the file stores the tied embedding twice, {better} as {types[better]} and {other} as "
                 f"{types[other]} (relative difference {diff:.4f}); the model is kept tied, from {better}")
-            config["tie_word_embeddings"] = True
-        else:
-            config["tie_word_embeddings"] = False
-    else:
-        config["tie_word_embeddings"] = True
+    config["tie_word_embeddings"] = "lm_head.weight" not in state
     return {k: v.to(dtype).contiguous() for k, v in state.items()}, notes
 
 
@@ -321,10 +288,8 @@ def card(prov: dict) -> str:
 
 def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: str | None = None,
             about: dict | None = None, progress: bool = True) -> Path:
-    """Convert `gguf_path` into a new HF-format directory `out_dir`, atomically; returns `out_dir`.
-
-    `about` (name, description, upstream, license, notes) is written into provenance.json and README.md.
-    """
+    """Convert `gguf_path` into a new HF-format directory `out_dir`, atomically; returns `out_dir`. `about` (name,
+    description, upstream, license, notes) goes into provenance.json and README.md."""
     src, out = Path(gguf_path), Path(out_dir)
     dtype = as_dtype(dtype)
     if out.exists() and any(out.iterdir()):
@@ -334,14 +299,15 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
         reader = GGUFReader(src)
     except (ValueError, OSError) as e:
         raise ConversionError(f"{src}: not a readable GGUF file ({e})") from None
-    meta = read_metadata(reader)
+    meta = {name: f.contents() for name, f in reader.fields.items()}
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ConversionError(f"{src}: architecture {arch!r} is not supported (this converter knows "
                               f"{', '.join(ARCHITECTURES)})")
     tokenizer = build_tokenizer(meta, src)  # before the slow part: an unsupported tokenizer fails fast
-    config = model_config(meta, {t.name: t for t in reader.tensors}, src)
-    state, notes = convert_tensors(reader, config, dtype, src, progress)
+    tensors = {t.name: t for t in reader.tensors}
+    config = model_config(meta, tensors, src)
+    state, notes = convert_tensors(tensors, config, dtype, src, progress)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tok_cfg, gen_cfg = tokenizer_files(meta, config["max_position_embeddings"])
 
@@ -367,7 +333,6 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype="bf16", sha256: st
 
 def file_type(code) -> str | None:
     """general.file_type -> llama.cpp's name for the quantization mix, e.g. 15 -> "Q4_K_M"."""
-    from gguf import LlamaFileType
     try:
         return LlamaFileType(code).name.removeprefix("MOSTLY_")
     except ValueError:
@@ -375,7 +340,6 @@ def file_type(code) -> str | None:
 
 
 def _gguf_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
     try:
         return version("gguf")
     except PackageNotFoundError:
@@ -388,10 +352,7 @@ def main(argv=None):
     p.add_argument("out_dir", help="directory to create (must not exist, or be empty)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = p.parse_args(argv)
-    try:
-        convert(args.gguf, args.out_dir, dtype=args.dtype)
-    except (ConversionError, FileExistsError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run(convert, args.gguf, args.out_dir, args.dtype)  # a failure: one line naming the file, exit status 1
 
 
 if __name__ == "__main__":

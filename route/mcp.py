@@ -1,20 +1,17 @@
 """Multitask Collaboration Prompting (MCP, paper Sec. 3.3): the four tasks chained at inference.
 
-For a batch of questions, each step runs batched across all of them through generate():
-  1. SL  schema linking: the SL answer (tables/columns as JSON) and a first "pre-SQL" written on the full
-         schema; the pruned schema keeps the union of what SL names and what the pre-SQL uses (read with
-         sqlglot), plus the keys that join the kept tables. A table SL names without any column it can
-         resolve keeps all its columns: recall first, a missing column costs more than an extra one.
-  2. TS  text-to-SQL on the pruned schema: the greedy answer and `samples` sampled ones, which share the
-         prompt's KV cache so that only decoding multiplies. Every candidate (TS, samples, pre-SQL) that fails
-         is repaired from the schema where the repair is unambiguous (repair.py), then they vote by execution
-         result (vote.py): the largest group of equal results answers, the greedy TS breaks ties.
-  3. NC  noise correction, where the candidates disagree: the SQL is run; the model sees the question, the
-         SQL and the execution result (or error) and says `correct` or gives a fix, accepted only if it runs.
+Each step runs batched across all the questions through generate():
+  1. SL  schema linking, and a first "pre-SQL" on the full schema: the pruned schema keeps the union of what SL
+         names and what the pre-SQL uses, plus the keys that join the kept tables. A table SL names without a
+         column it can resolve keeps all its columns: a missing column costs more than an extra one.
+  2. TS  text-to-SQL on the pruned schema: the greedy answer and `samples` sampled ones (sharing the prompt's
+         KV cache). Every candidate (TS, samples, pre-SQL) that fails is repaired where the repair is
+         unambiguous (repair.py), then they vote by execution result (vote.py).
+  3. NC  noise correction, where the candidates disagree: the model sees the SQL and its execution result (or
+         error) and says `correct` or gives a fix, accepted only if it runs.
   4. CW  continuation writing: SQL that fails, or joins three or more tables, is rewritten from `SELECT`;
          the completion is accepted only if it executes and returns rows.
-NC and CW see the full schema: it keeps them robust to pruning mistakes, and it is free, since the
-full-schema prefix is already in the KV cache from step 1.
+NC and CW see the full schema: robust to pruning mistakes, and free, as its prefix is in the KV cache already.
 """
 import time
 from dataclasses import dataclass, field
@@ -28,6 +25,8 @@ from .vote import Candidate, vote
 
 STEPS = ("sl", "nc", "cw")
 MAX_NEW_TOKENS = {"sl": 128, "ts": 256, "nc": 256, "cw": 256}  # per task
+SAMPLE_ROWS = 3  # per table in the schema prompt: the default of training data (msft.py)
+TIMEOUT = 10.0   # seconds per query run
 
 
 @dataclass
@@ -52,24 +51,10 @@ class Trace:
     rows: list = field(default_factory=list)
 
 
-def _merge(*links: dict[str, set[str]]) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for link in links:
-        for t, cols in link.items():
-            out.setdefault(t, set()).update(cols)
-    return out
-
-
-def _unanimous(candidates: list[dict]) -> bool:
-    """Two or more candidates ran, and all returned the same result (one vote group)."""
-    ran = [c for c in candidates if c["error"] is None]
-    return len(ran) >= 2 and len({c["group"] for c in ran}) == 1
-
-
 def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0,
               temperature: float = 0.8, seed: int = 0, repair: bool = True, recall_sl: bool = True, base=None,
-              sample_rows: int = 3, batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True,
-              timeout: float = 10.0, generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
+              batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True,
+              generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
     """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
     samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
     question (temperature, seed) for the vote. base: a second model (the base model of `model`'s adapter)
@@ -77,7 +62,7 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
-    chain = _Chain(model, tok, examples, fewshot, repair, sample_rows, timeout, generate_fn,
+    chain = _Chain(model, tok, examples, fewshot, repair, generate_fn,
                    dict(batch_tokens=batch_tokens, reuse_prefix=reuse_prefix, progress=progress))
     if "sl" in steps:
         chain.link_schema(recall_sl)
@@ -95,19 +80,17 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
 class _Chain:
     """One run of the chain over a list of examples: its databases, prompts, traces and times per step."""
 
-    def __init__(self, model, tok, examples, fewshot, repair, sample_rows, timeout, generate_fn, generate_kw):
+    def __init__(self, model, tok, examples, fewshot, repair, generate_fn, generate_kw):
         self.model, self.tok, self.examples, self.fewshot, self.repair = model, tok, examples, fewshot, repair
-        self.sample_rows, self.timeout = sample_rows, timeout
         self.generate_fn, self.generate_kw = generate_fn, generate_kw
         self.cache, self.times = PrefixCache(), {}
         self.dbs = [open_database(e.db_path) for e in examples]
-        self.schemas = {db.path: db.schema_prompt(sample_rows=sample_rows) for db in self.dbs}
+        self.schemas = {db.path: db.schema_prompt(sample_rows=SAMPLE_ROWS) for db in self.dbs}
         self.traces = [Trace(e.question, e.db_id) for e in examples]
 
     def ask(self, task, items, step=None, prefix_cache=None, lm=None, **kw):
-        """Prompts of one task, items (index, prompt parts), for one step of the chain (named as the task
-        unless given: the pre-SQL, the samples and the base model's answers are TS prompts); returns the
-        answers in order, and counts the step's time."""
+        """The answers to one task's prompts, items (index, prompt parts), timed as `step` (the task unless
+        given: the pre-SQL, the samples and the base model's answers are TS prompts)."""
         if not items:
             return []
         t0, step = time.perf_counter(), step or task
@@ -120,16 +103,15 @@ class _Chain:
 
     def full(self, task, i, **kw):
         """Example i's prompt for `task` on its full schema."""
-        e = self.examples[i]
-        return prompts.build(self.tok, task, self.schemas[self.dbs[i].path], e.question, e.evidence, self.fewshot,
-                             **kw)
+        e, schema = self.examples[i], self.schemas[self.dbs[i].path]
+        return prompts.build(self.tok, task, schema, e.question, e.evidence, self.fewshot, **kw)
 
     def run(self, i, sql):
         """(sql, its execution), repaired from the schema first if it fails and a repair runs."""
         db = self.dbs[i]
-        res = db.execute(sql, timeout=self.timeout)
+        res = db.execute(sql, timeout=TIMEOUT)
         if res.error is not None and self.repair and (fixed := repair_sql(sql, db)):
-            if (res2 := db.execute(fixed, timeout=self.timeout)).error is None:
+            if (res2 := db.execute(fixed, timeout=TIMEOUT)).error is None:
                 return fixed, res2
         return sql, res
 
@@ -144,21 +126,21 @@ class _Chain:
             linked = prompts.parse_links(tr.sl_answer, db)
             if recall_sl:  # a table named without a column that resolves keeps all its columns
                 linked = {t: cols or {c.name for c in db.table(t).columns} for t, cols in linked.items()}
-            tr.linked = _merge(linked, used_schema(tr.pre_sql, db))
-            if tr.linked:
-                tr.pruned_schema = db.schema_prompt(keep=tr.linked, sample_rows=self.sample_rows)
+            for t, cols in used_schema(tr.pre_sql, db).items():
+                linked.setdefault(t, set()).update(cols)
+            tr.linked = linked
+            if linked:
+                tr.pruned_schema = db.schema_prompt(keep=linked, sample_rows=SAMPLE_ROWS)
 
     def write_sql(self, samples: int, temperature: float, seed: int, base):
         """2. Text-to-SQL, on the pruned schema where there is one, then the vote. A pruned prompt is unique to
-        its question: it goes as token ids (encoded part by part, as in training) with all but its last token
-        one cache level, which the greedy answer and the samples share, in a cache of their own that dies with
-        this step."""
+        its question: it goes as token ids (encoded part by part, as in training), all but its last token one
+        cache level that the greedy answer and the samples share, in a cache that dies with this step."""
         items = []
         for i, (e, tr) in enumerate(zip(self.examples, self.traces)):
             if tr.pruned_schema:
-                parts = self.tok.encode_parts([prompts.build(self.tok, "ts", tr.pruned_schema, e.question,
-                                                             e.evidence)])[0]
-                ids = [t for part in parts for t in part]
+                prompt = prompts.build(self.tok, "ts", tr.pruned_schema, e.question, e.evidence)
+                ids = [t for part in self.tok.encode_parts([prompt])[0] for t in part]
                 items.append((i, (ids[:-1], ids[-1:])))
             else:
                 items.append((i, self.full("ts", i)))
@@ -188,11 +170,14 @@ class _Chain:
         """3. Noise correction with execution feedback, where the candidates disagree: when two or more ran
         and all returned one result, NC has little to add (on the validation split it fixed 1 of 187 such
         answers) and skipping it saves most of the step's time."""
-        todo = [i for i, tr in enumerate(self.traces) if not _unanimous(tr.candidates)]
-        for tr in self.traces:
+        todo = []
+        for i, tr in enumerate(self.traces):
             tr.nc, tr.nc_sql = "skipped: candidates agree", tr.sql
+            groups = [c["group"] for c in tr.candidates if c["error"] is None]  # of the candidates that ran
+            if len(groups) < 2 or len(set(groups)) > 1:
+                todo.append(i)
         items = [(i, self.full("nc", i, sql=self.traces[i].sql, execution=prompts.describe_execution(
-            self.dbs[i].execute(self.traces[i].sql, timeout=self.timeout)))) for i in todo]
+            self.dbs[i].execute(self.traces[i].sql, timeout=TIMEOUT)))) for i in todo]
         for (i, _), out in zip(items, self.ask("nc", items)):
             tr = self.traces[i]
             tr.nc_answer = out
@@ -209,7 +194,7 @@ class _Chain:
     def continue_writing(self):
         """4. Continuation writing for SQL that fails or is complex (3+ tables), accepted if it returns rows."""
         todo = [i for i, (db, tr) in enumerate(zip(self.dbs, self.traces))
-                if db.execute(tr.sql, timeout=self.timeout).error is not None or count_tables(tr.sql) >= 3]
+                if db.execute(tr.sql, timeout=TIMEOUT).error is not None or count_tables(tr.sql) >= 3]
         # "SELECT" without its space: training cuts queries at token boundaries the same way (msft.py)
         items = [(i, self.full("cw", i, partial="SELECT")) for i in todo]
         for (i, _), out in zip(items, self.ask("cw", items)):

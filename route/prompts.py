@@ -5,16 +5,12 @@ SL  schema linking:       schema + question               -> {"table": ["column"
 NC  noise correction:     schema + question + SQL (+ run) -> "correct", or "wrong" + fixed SQL
 CW  continuation writing: schema + question + SQL start   -> the rest of the SQL
 
-The same templates serve the MCP chain (mcp.py) and the training data (msft.py), so a fine-tuned model sees
-at inference exactly the format it was trained on.
-
-Every prompt is returned in three parts, cut where the KV cache can be shared (generate.py reuses them):
-  1. system prompt + database schema with sample rows: the same for every task and every question on
-     that database, which is why the schema comes first and the task after it;
-  2. the task's instructions (and its worked examples for models not fine-tuned on these tasks);
-  3. the question, the task's inputs, and the start of the answer.
-Answers open with the start of their code fence already written in the prompt ("```sql\n"), so the model
-writes only SQL and generation stops at the closing fence; CW simply puts the unfinished SQL after it.
+The same templates serve the MCP chain (mcp.py) and the training data (msft.py): a fine-tuned model sees at
+inference exactly the format it was trained on. Every prompt comes in three parts, cut where the KV cache can
+be shared (generate.py): 1. system prompt + schema with sample rows (the same for every task and question on
+that database, so it comes first); 2. the task's instructions (with worked examples for untuned models);
+3. the question, the task's inputs, and the answer's opening code fence ("```sql\n"), so that the model
+writes only SQL and stops at the closing fence (CW's unfinished SQL follows the fence).
 """
 import json
 import re
@@ -79,10 +75,6 @@ def instructions(task: str, fewshot: bool) -> str:
     return "\n".join(lines) + "\n\nNow the task on the database above."
 
 
-def question_block(question: str, evidence: str = "") -> str:
-    return f"### Question: {question.strip()}" + (f"\n### Hint: {evidence.strip()}" if evidence else "")
-
-
 def describe_execution(result) -> str:
     """What NC sees of a query's run: the error, or the row count and the first rows."""
     if result.error:
@@ -97,7 +89,7 @@ def describe_execution(result) -> str:
 def messages(task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False, sql: str = "",
              execution: str = "", partial: str = "") -> tuple[list[dict], str]:
     """The chat messages of one task prompt, and the text that opens the assistant's answer."""
-    inputs = question_block(question, evidence)
+    inputs = f"### Question: {question.strip()}" + (f"\n### Hint: {evidence.strip()}" if evidence else "")
     if task == "nc":
         inputs += f"\n### SQL: {sql.strip()}\n### Execution: {execution}"
     user = f"{schema}\n\n{instructions(task, fewshot)}\n\n{inputs}"
@@ -110,10 +102,8 @@ def render(tok, msgs: list[dict], answer_start: str) -> str:
 
 
 def cut(tok, task: str, msgs: list[dict], answer_start: str, fewshot: bool = False) -> tuple[str, str, str]:
-    """A task prompt rendered with the model's chat format, cut into its three cache parts: [..schema],
-    [instructions], [question and inputs..answer start]. Training (train.py) and inference (build) both cut
-    here, and the tokenizer encodes each part on its own (Tokenizer.encode_parts), so a fine-tuned model sees
-    at inference the very token ids it was trained on."""
+    """A task prompt in the model's chat format, cut into its three cache parts. Training and inference (build)
+    both cut here and encode each part on its own (Tokenizer.encode_parts): the very same token ids."""
     text = render(tok, msgs, answer_start)
     task_text = instructions(task, fewshot)
     cut1 = text.index(f"\n\n{task_text}\n\n")  # the user turn is schema, instructions, inputs
@@ -123,7 +113,7 @@ def cut(tok, task: str, msgs: list[dict], answer_start: str, fewshot: bool = Fal
 
 def build(tok, task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False,
           **inputs) -> tuple[str, str, str]:
-    """Render one task prompt with the model's chat format, cut into its three cache parts."""
+    """One task prompt in the model's chat format, cut into its three cache parts."""
     return cut(tok, task, *messages(task, schema, question, evidence, fewshot, **inputs), fewshot)
 
 
@@ -134,9 +124,8 @@ STOP = {"ts": ("```",), "sl": ("```",), "cw": ("```",), "nc": ("correct\n", "Cor
 
 
 def target(task: str, answer) -> str:
-    """The text a model should write after the prompt (training targets; the chat's end token is added by
-    the trainer). `answer`: the SQL (ts), the table -> columns dict (sl), the gold SQL or None when the
-    candidate is correct (nc), the rest of the SQL (cw)."""
+    """The text a model should write after the prompt (the trainer adds the chat's end token). `answer`: the SQL
+    (ts), the table -> columns dict (sl), the gold SQL or None for a correct candidate (nc), the SQL's rest (cw)."""
     if task == "sl":
         return json.dumps({t: sorted(c) for t, c in answer.items()}) + "\n```"
     if task == "nc":

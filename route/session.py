@@ -3,11 +3,9 @@
     python infer.py --db my.sqlite            # type questions; an empty line, Ctrl-D or Ctrl-C ends it
     printf 'How many singers?\\n' | python infer.py --db my.sqlite
 
-Each question runs through the same chain as a dataset run (a callable from infer.py, so chain options apply
-here too), one question at a time. What it prints: the SQL, the result as an aligned table (its first rows and
-how many there are), the time, and with --explain (or `.explain` after a question) what each step of the chain
-did. From a terminal the input line has readline editing; from a pipe each line is one question, echoed so the
-output reads as a transcript.
+Each question runs through the same chain as a dataset run (a callable from infer.py, with its options). It
+prints the SQL, the result as an aligned table, the time, and with --explain (or `.explain` after a question)
+what each step of the chain did. A pipe's lines are echoed, so that the output reads as a transcript.
 """
 import sys
 import time
@@ -25,8 +23,8 @@ def _cell(v) -> str:
 
 
 def format_table(columns, rows, limit: int = SHOW_ROWS, truncated: bool = False) -> str:
-    """Rows under their column names, columns padded to a common width, numbers right-aligned; the first
-    `limit` rows, then how many rows there are ("at least" when the fetch stopped at a cap)."""
+    """The first `limit` rows under their column names, numbers right-aligned, then how many rows there are
+    ("at least" when the fetch stopped at a cap)."""
     shown = [[_cell(v) for v in r] for r in rows[:limit]]
     cols = [_cell(c) for c in columns] or [""] * len(rows[0] if rows else [])
     widths = [max([len(c)] + [len(r[j]) for r in shown]) for j, c in enumerate(cols)]
@@ -44,7 +42,7 @@ def format_table(columns, rows, limit: int = SHOW_ROWS, truncated: bool = False)
 
 
 def explain(t) -> str:
-    """What each step of the chain did for one question (the fields of its route.mcp.Trace that are set)."""
+    """What each step of the chain did for one question (the fields of its mcp.Trace that are set)."""
     steps = [("SL answer", t.sl_answer),
              ("linked", ", ".join(f"{table}({', '.join(sorted(c))})" for table, c in t.linked.items())),
              ("pre-SQL", t.pre_sql), ("TS", t.ts_sql),
@@ -56,13 +54,11 @@ def explain(t) -> str:
     return "  steps:\n" + "\n".join(f"    {k:<10} {v}" for k, v in shown)
 
 
-def answer(chain, db_path, question: str, show_steps: bool = False, out=None):
+def answer(chain, db_path, question: str, show_steps: bool, out):
     """Run one question through `chain` and print what it gave; returns its trace."""
-    out = out or sys.stdout
     t0 = time.perf_counter()
     traces, _ = chain(load_sqlite(db_path, question).examples, progress=False)
-    seconds = time.perf_counter() - t0
-    tr = traces[0]
+    seconds, tr = time.perf_counter() - t0, traces[0]
     print(f"SQL: {tr.sql or '(none)'}", file=out)
     res = open_database(db_path).execute(tr.sql) if tr.sql else None  # cached: the chain ran it already
     if res is None or res.error:
@@ -76,16 +72,11 @@ def answer(chain, db_path, question: str, show_steps: bool = False, out=None):
 
 
 def _questions(stdin, out):
-    """Yield questions until an empty line or end of input. A terminal gets a prompt (and readline editing
-    through input()); piped lines are echoed."""
+    """Questions until an empty line or end of input: a terminal's with a prompt (input()), a pipe's echoed."""
     tty = stdin.isatty()
     while True:
-        if tty:
-            line = input("question> ")
-        else:
-            line = stdin.readline()
-            if not line:
-                return
+        line = input("question> ") if tty else stdin.readline()
+        if line and not tty:
             print(f"> {line.rstrip()}", file=out)
         if not line.strip():
             return

@@ -1,11 +1,9 @@
-"""Execution-guided selection: answer with the result most candidate queries agree on.
+"""Execution-guided selection (MCP step 2): answer with the result most candidate queries agree on.
 
-The chain writes several queries per question (the pre-SQL on the full schema, TS on the pruned schema, TS
-samples). Queries that fail are dropped; the others are grouped by their results, with Spider's own notion
-of equal results (evaluate.results_match: rows as a multiset, in order only when both queries order them,
-columns in any order), and the largest group answers. Ties go to the group of the earliest candidate, so
-callers list the greedy TS answer first. A self-consistency vote (Wang et al., 2023) over execution results,
-as in the text-to-SQL systems ROUTE compares with.
+A self-consistency vote (Wang et al., 2023) over execution results, as in the text-to-SQL systems ROUTE compares
+with. Queries that fail are dropped; the others are grouped by Spider's notion of equal results
+(evaluate.results_match), and the largest group answers; ties go to the earliest candidate's group, so callers
+list the greedy TS answer first.
 """
 from dataclasses import dataclass
 
@@ -23,8 +21,8 @@ class Candidate:
 
 
 def vote(cands: list[Candidate]) -> int:
-    """The index of the candidate that answers: the first of the largest group of equal results, or 0 when
-    every candidate failed. Fills each candidate's `group`."""
+    """The index of the candidate that answers (the first of the largest group; 0 when every candidate failed).
+    Fills each candidate's `group`."""
     groups: list[list[int]] = []
     for i, c in enumerate(cands):
         if c.error is not None:

@@ -26,7 +26,8 @@ def parse_args(argv=None):
     ap.add_argument("--msft", default=None,
                     help="MSFT data directory (default: data/msft/heldout-seed<seed>-limit<limit>...)")
     ap.add_argument("--canonical-targets", action="store_true",
-                    help="gold SQL in the schema's spelling and sqlglot's layout (measured: no gain, see the card)")
+                    help="gold SQL in the schema's spelling and sqlglot's layout (measured once, on the first "
+                    "adapter: no gain)")
     ap.add_argument("--nc-from-model", action="store_true",
                     help="when building the data, add NC candidates that the base model writes (slow: one TS pass)")
     ap.add_argument("--limit", type=int, default=1800, help="training questions used (each gives up to 4 records); "

@@ -234,10 +234,7 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampl
         if len(finished) == len(live) or step == s.max_new - 1:
             return
         if 4 * len(finished) >= len(live):  # drop finished rows once they are a quarter of the batch
-            kept = [i for i in range(len(live)) if i not in finished]
-            idx = torch.tensor(kept, device=tokens.device)
-            cache.keep_rows(idx)
-            live, tokens, positions = [live[i] for i in kept], tokens[idx], positions[idx]
+            live, tokens, positions = _compact(cache, live, finished, tokens, positions)
             finished, graph = [], None  # the graph recorded the old cache: record anew
         cache.valid[:, slot] = True
         if graphs:
@@ -275,6 +272,15 @@ def _prefill(model, rows: list[_Row], prefix_cache: PrefixCache, max_new: int, s
     mask = None if P == 0 and all(len(r.rest) == T for r in rows) else attention_mask(cache.valid, P, T)
     logits = _last_logits(model, tokens, positions, mask, cache, start=P)
     return cache, logits, positions[:, -1] + 1, P + T
+
+
+def _compact(cache: KVCache, live: list[int], finished: list[int], tokens, positions):
+    """Drop the finished rows from the cache and the step's inputs, so they stop costing compute."""
+    done = set(finished)
+    kept = [i for i in range(len(live)) if i not in done]
+    idx = torch.tensor(kept, device=tokens.device)
+    cache.keep_rows(idx)
+    return [live[i] for i in kept], tokens[idx], positions[idx]
 
 
 def _finish_rows(tok, rows: list[_Row], tokens: list[int], s: Sampling, last_step: bool, st: Stats) -> list[int]:

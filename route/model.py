@@ -128,8 +128,12 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention. Shapes: B batch rows, T new tokens per row, S key/value slots attended over,
-    H query heads, K key/value heads (H = K * rep: `rep` query heads share one kv head), D head dim, C hidden size."""
+    """Grouped-query attention. Shapes, as in the comments below:
+
+        B  batch rows              T  new tokens per row       S  key/value slots attended over
+        H  query heads             K  key/value heads (H = K * rep: `rep` query heads share one kv head)
+        D  head dim                C  hidden size (H * D for the models here)
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -160,7 +160,7 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
                    timeout: float = 5.0, model_sql: list[str] | None = None,
                    canonical: bool = False) -> tuple[list[dict], Counter]:
     """The MSFT records for `examples` (route.datasets.Example), and counts of what was made and dropped.
-    canonical: targets use canonical_sql (no gain for the shipped recipe: the adapter's card). model_sql[i]:
+    canonical: targets use canonical_sql (measured once, on the first adapter: no gain). model_sql[i]:
     SQL a model wrote for examples[i], one more NC candidate."""
     rng = random.Random(seed)
     records, counts = [], Counter()

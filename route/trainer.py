@@ -35,11 +35,13 @@ from .weights import load_model
 class TrainConfig:
     out_dir: str = "runs/route"
     base_model: str | None = None  # HF-format model directory: loaded by prepare_model, named in the adapter
+    # what trains
     full: bool = False             # full fine-tuning (the paper's setting) instead of LoRA
     lora_r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_TARGETS
+    # optimisation
     lr: float | None = None        # None: 3e-4 for LoRA, 1e-5 for full fine-tuning
     epochs: int = 3
     max_steps: int | None = None   # overrides epochs
@@ -52,6 +54,7 @@ class TrainConfig:
     clip: float = 1.0              # max gradient norm; 0 disables clipping
     max_len: int = 8192            # longer examples are dropped (with a warning), never truncated
     seed: int = 0
+    # machinery
     dtype: str = "auto"            # auto | bf16 | fp32 (see mfu.compute_dtype)
     device: str = "auto"
     checkpointing: bool = False    # activation checkpointing: recompute each block in backward
@@ -125,6 +128,8 @@ def lr_at(step: int, total: int, tc: TrainConfig) -> float:
     return lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# ------------------------------------------------------------------ the loss: shift, sum, normalize
+
 def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor, positions=None, mask=None):
     """(summed cross-entropy over answer tokens, their count). Position t predicts token t+1. The model's
     forward computes it (so `model` may be a DDP or FSDP wrapper), on answer positions only: no (B, T, vocab)."""
@@ -175,6 +180,8 @@ def evaluate(model, examples: list[dict], batch_tokens: int, dtype: torch.dtype,
     model.train()
     return loss / max(count, 1)
 
+
+# ------------------------------------------------------------------------------------------- the loop
 
 def clip_gradients(params: list, max_norm: float, step: int) -> float:
     """Clip the global gradient norm to max_norm (0: no clipping); returns the norm before clipping."""

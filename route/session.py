@@ -72,8 +72,14 @@ def answer(chain, db_path, question: str, show_steps: bool, out):
 
 
 def _questions(stdin, out):
-    """Questions until an empty line or end of input: a terminal's with a prompt (input()), a pipe's echoed."""
+    """Questions until an empty line or end of input: a terminal's with a prompt (input(), with readline's line
+    editing where Python has it), a pipe's echoed."""
     tty = stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:  # not on every platform (Windows)
+            pass
     while True:
         line = input("question> ") if tty else stdin.readline()
         if line and not tty:

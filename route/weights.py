@@ -56,6 +56,8 @@ def read_header(file: Path) -> tuple[dict, int]:
 
 
 def read_tensor(f, meta: dict, base: int, where: str) -> torch.Tensor:
+    if meta["dtype"] not in SAFETENSORS_DTYPES:  # e.g. FP8 or integer-quantized (GPTQ, AWQ) checkpoints
+        raise ValueError(f"{where}: dtype {meta['dtype']} is not supported (only {', '.join(SAFETENSORS_DTYPES)})")
     start, end = meta["data_offsets"]
     buf = bytearray(end - start)
     f.seek(base + start)

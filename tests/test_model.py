@@ -121,6 +121,20 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load_model(tmp_path)
 
 
+def test_quantized_checkpoint_is_a_clear_error(tmp_path):
+    """A tensor stored in a dtype the model cannot hold (an FP8 or int8-quantized checkpoint) names itself."""
+    from safetensors.torch import load_file, save_file
+
+    write_tiny(tmp_path, "qwen2")
+    f = tmp_path / "model.safetensors"
+    state = load_file(f)
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name] = state[name].to(torch.int8)
+    save_file(state, f)
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor '{name}': dtype I8 is not supported"):
+        load_model(tmp_path)
+
+
 def test_chunked_head_loss_equals_plain_cross_entropy(tmp_path):
     """loss() gives the summed cross-entropy through 1,024-position chunks: the same value and gradients
     as cross-entropy over the full logits (here 2,400 positions, 3 chunks)."""

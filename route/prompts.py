@@ -7,10 +7,12 @@ CW  continuation writing: schema + question + SQL start   -> the rest of the SQL
 
 The same templates serve the MCP chain (mcp.py) and the training data (msft.py): a fine-tuned model sees at
 inference exactly the format it was trained on. Every prompt comes in three parts, cut where the KV cache can
-be shared (generate.py): 1. system prompt + schema with sample rows (the same for every task and question on
-that database, so it comes first); 2. the task's instructions (with worked examples for untuned models);
-3. the question, the task's inputs, and the answer's opening code fence ("```sql\n"), so that the model
-writes only SQL and stops at the closing fence (CW's unfinished SQL follows the fence).
+be shared (generate.py):
+  1. system prompt + schema with sample rows: the same for every task and question on that database, which is
+     why the schema comes first and the task after it;
+  2. the task's instructions (with worked examples for models not tuned on these tasks);
+  3. the question, the task's inputs, and the answer's opening code fence ("```sql\n"), so that the model
+     writes only SQL and stops at the closing fence (CW's unfinished SQL follows the fence).
 """
 import json
 import re

@@ -130,11 +130,11 @@ def save_model(model: Transformer, path: str | Path, hf_config: dict, dtype=None
                  for n, p in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        shards = [{}]
+        shards, size = [{}], 0  # size: bytes in the last shard
         for name, t in state.items():
-            if shards[-1] and sum(x.nbytes for x in shards[-1].values()) + t.nbytes > shard_bytes:
-                shards.append({})
-            shards[-1][name] = t
+            if shards[-1] and size + t.nbytes > shard_bytes:
+                shards, size = shards + [{}], 0
+            shards[-1][name], size = t, size + t.nbytes
         n = len(shards)
         fnames = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
         for fname, shard in zip(fnames, shards):

@@ -31,6 +31,31 @@ def test_sharded_checkpoint(tmp_path):
         assert (ref(x).logits - load_model(tmp_path)(x)).abs().max() <= 1e-4
 
 
+def test_sharded_save_roundtrip(tmp_path):
+    """save_model splits its weights into shards of at most shard_bytes (a tensor larger than that alone), with
+    an index that transformers and our loader read back to the same model."""
+    import transformers
+    from safetensors import safe_open
+
+    from route.weights import read_config
+
+    write_tiny(tmp_path / "m", "qwen2")
+    m, (_, hf) = load_model(tmp_path / "m"), read_config(tmp_path / "m")
+    save_model(m, tmp_path / "out", hf, shard_bytes=60_000)
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (tmp_path / "out/model.safetensors").exists()
+    for f in shards:
+        with safe_open(tmp_path / "out" / f, "pt") as h:
+            sizes = [h.get_tensor(k).nbytes for k in h.keys()]
+        assert sum(sizes) <= 60_000 or len(sizes) == 1
+    x = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(m(x), load_model(tmp_path / "out")(x))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32)
+        assert (ref(x).logits - m(x)).abs().max() <= 1e-4
+
+
 def test_kv_cache_decoding_equals_full_recompute(pair):
     _, m, _ = pair
     x = torch.randint(0, VOCAB, (2, 24))

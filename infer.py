@@ -44,6 +44,11 @@ def parse_args(argv=None):
                     help="with an adapter: the base model's TS answer votes too (a second copy of the model)")
     ap.add_argument("--no-recall-sl", action="store_true",
                     help="a table SL names without a known column keeps only its keys (not all its columns)")
+    ap.add_argument("--values", action="store_true",
+                    help="show SL and TS the database's cells that the question mentions (route/values.py)")
+    ap.add_argument("--demos", default=None, metavar="SOURCE",
+                    help="show TS the most similar solved questions of other databases: a Spider root (its "
+                    "training files) or a JSON list of question/query pairs (route/demos.py)")
     ap.add_argument("--data", default=None, help="dataset root in Spider or BIRD layout (default: data/demo)")
     ap.add_argument("--split", default="dev", help="split name or JSON file within --data")
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
@@ -52,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--explain", action="store_true", help="session: show what each step of the chain did")
     ap.add_argument("--batch-tokens", type=int, default=65536, help="token budget of one generation batch")
     ap.add_argument("--no-prefix-reuse", action="store_true", help="recompute shared prompt prefixes (slower)")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="auto: bf16 where the hardware is fast at it (GPU, AVX512-BF16, AMX), else fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write per-question traces (JSONL) and, beside them, the "
                     "official prediction file (Spider: .sql; BIRD: .predict_<split>.json)")
@@ -102,6 +108,7 @@ def load_engine(args):
 def main(argv=None):
     args = parse_args(argv)
     from route.evaluate import evaluate
+    from route.demos import load_pool
     from route.mcp import STEPS, run_chain
 
     if args.steps is not None:
@@ -122,9 +129,11 @@ def main(argv=None):
     chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=samples,
                     temperature=args.temperature, seed=args.seed, repair=not args.no_repair and bool(steps),
                     recall_sl=not args.no_recall_sl, base=base, batch_tokens=args.batch_tokens,
-                    reuse_prefix=not args.no_prefix_reuse)
+                    reuse_prefix=not args.no_prefix_reuse, values=args.values,
+                    demos=load_pool(args.demos) if args.demos else None)
     print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "
-          f"{'few-shot' if fewshot else 'zero-shot'} prompts")
+          f"{'few-shot' if fewshot else 'zero-shot'} prompts" + (", value linking" if args.values else "")
+          + (f", solved questions from {args.demos}" if args.demos else ""))
     if session:
         from route.session import run_session
         return run_session(chain, args.db, show_steps=args.explain)

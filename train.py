@@ -78,8 +78,8 @@ def main(argv=None):
     tasks = msft.TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     if set(tasks) - set(msft.TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(set(tasks) - set(msft.TASKS))}; choose from ts,sl,nc,cw")
-    # "heldout": data built with the validation databases left out (older directories were not)
-    name = (f"heldout-seed{args.seed}-limit{args.limit}" + ("-canonical" if args.canonical_targets else "")
+    # "val20x10": data built with both validation checks' databases left out (older directories were not)
+    name = (f"val20x10-seed{args.seed}-limit{args.limit}" + ("-canonical" if args.canonical_targets else "")
             + ("-ncmodel" if args.nc_from_model else ""))
     data_dir = Path(args.msft or ROOT / "data" / "msft" / name)
     # a bad --data or --model fails now, not after building the data

@@ -41,6 +41,18 @@ def traces_and_split(argv):
     return args, load_dataset(args.data, args.split)
 
 
+def step_preds(rows: list[dict], key: str) -> list[str] | None:
+    """What a chain cut after the step `key` answers, per question; None if the trace never ran it."""
+    preds = [r.get(key) or "" for r in rows]
+    if not any(preds):
+        return None
+    if key in ("pre_sql", "vote_sql"):  # steps that did not run fall back on the answer before them
+        preds = [p or r["ts_sql"] for p, r in zip(preds, rows)]
+    elif key == "nc_sql":
+        preds = [p or r.get("vote_sql") or r["ts_sql"] for p, r in zip(preds, rows)]
+    return preds
+
+
 def main(argv=None):
     args, ds = traces_and_split(argv)
     print(f"{'trace':40}" + "".join(f"{n:>9}" for n, _ in FIELDS) + f"{'fails':>8}{'min':>7}")
@@ -48,20 +60,12 @@ def main(argv=None):
         rows, summary = read_traces(path, len(ds.examples))
         cells = []
         for _, key in FIELDS:
-            preds = [r.get(key) or "" for r in rows]
-            if not any(preds):
-                cells.append(f"{'-':>9}")
-                continue
-            if key in ("pre_sql", "vote_sql"):  # steps that did not run fall back on the answer before them
-                preds = [p or r["ts_sql"] for p, r in zip(preds, rows)]
-            elif key == "nc_sql":
-                preds = [p or r.get("vote_sql") or r["ts_sql"] for p, r in zip(preds, rows)]
-            cells.append(f"{100 * evaluate(preds, ds.examples).accuracy:>9.1f}")
+            preds = step_preds(rows, key)
+            cells.append(f"{'-':>9}" if preds is None else f"{100 * evaluate(preds, ds.examples).accuracy:>9.1f}")
         fails = sum(open_database(e.db_path).execute(r["sql"], timeout=10).error is not None
                     for e, r in zip(ds.examples, rows))
         minutes = summary.get("total_seconds", 0) / 60
         print(f"{Path(path).name:40}" + "".join(cells) + f"{100 * fails / len(rows):>7.1f}%{minutes:>7.1f}")
-
 
 if __name__ == "__main__":
     main()

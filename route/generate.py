@@ -25,16 +25,20 @@ from tqdm.auto import tqdm
 from .model import KVCache, Transformer, pack_linears
 
 
-def load_for_inference(model: str | Path | None = None, dtype="bf16", device: str | None = None,
+def load_for_inference(model: str | Path | None = None, dtype="auto", device: str | None = None,
                        adapter: str | Path | None = None):
     """(model, tokenizer) ready to generate: the model resolved (None: the default one, fetched on first use),
-    loaded, a LoRA adapter merged in (no separate LoRA matmuls), and its CPU bf16 weights packed (pack_linears)."""
+    loaded, a LoRA adapter merged in (no separate LoRA matmuls), and its CPU bf16 weights packed (pack_linears).
+    dtype "auto": bf16 where the hardware multiplies it fast, else fp32 (a CPU without AVX512-BF16 or AMX
+    emulates bf16, about 5x slower than fp32 on an AVX2 core)."""
     from . import hub
+    from .mfu import compute_dtype
     from .tokenizer import Tokenizer
     from .weights import load_model
 
     path = hub.resolve_model(model)
-    lm = load_model(path, dtype=dtype, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lm = load_model(path, dtype=compute_dtype("auto", device) if dtype == "auto" else dtype, device=device)
     if adapter is not None:
         from .lora import load_adapter, merge_lora
         merge_lora(load_adapter(lm, adapter))

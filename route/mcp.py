@@ -49,21 +49,29 @@ class Trace:
     sql: str = ""       # the final SQL
     error: str | None = None
     rows: list = field(default_factory=list)
+    values: str = ""    # the database cells the question mentions, as SL and TS saw them (values.py)
+    demos: str = ""     # the solved questions TS saw (demos.py)
 
 
 def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0,
               temperature: float = 0.8, seed: int = 0, repair: bool = True, recall_sl: bool = True, base=None,
-              batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True,
-              generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
+              batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True, values: bool = False,
+              demos=None, generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
     """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
     samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
     question (temperature, seed) for the vote. base: a second model (the base model of `model`'s adapter)
-    whose greedy TS answer on the same pruned schema votes too. generate_fn stands in for generate() in tests."""
+    whose greedy TS answer on the same pruned schema votes too. values: show SL and TS the database cells each
+    question mentions (values.py). demos: a demos.DemoPool whose nearest solved questions TS sees. generate_fn
+    stands in for generate() in tests."""
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
     chain = _Chain(model, tok, examples, fewshot, repair, generate_fn,
                    dict(batch_tokens=batch_tokens, reuse_prefix=reuse_prefix, progress=progress))
+    if values:
+        chain.link_values()
+    if demos is not None:
+        chain.find_demos(demos)
     if "sl" in steps:
         chain.link_schema(recall_sl)
     chain.write_sql(samples, temperature, seed, base)
@@ -83,7 +91,7 @@ class _Chain:
     def __init__(self, model, tok, examples, fewshot, repair, generate_fn, generate_kw):
         self.model, self.tok, self.examples, self.fewshot, self.repair = model, tok, examples, fewshot, repair
         self.generate_fn, self.generate_kw = generate_fn, generate_kw
-        self.cache, self.times = PrefixCache(), {}
+        self.cache, self.times, self.value_columns = PrefixCache(), {}, {}
         self.dbs = [open_database(e.db_path) for e in examples]
         self.schemas = {db.path: db.schema_prompt(sample_rows=SAMPLE_ROWS) for db in self.dbs}
         self.traces = [Trace(e.question, e.db_id) for e in examples]
@@ -104,7 +112,8 @@ class _Chain:
     def full(self, task, i, **kw):
         """Example i's prompt for `task` on its full schema."""
         e, schema = self.examples[i], self.schemas[self.dbs[i].path]
-        return prompts.build(self.tok, task, schema, e.question, e.evidence, self.fewshot, **kw)
+        return prompts.build(self.tok, task, schema, e.question, e.evidence, self.fewshot,
+                             values=self.traces[i].values, demos=self.traces[i].demos, **kw)
 
     def run(self, i, sql):
         """(sql, its execution), repaired from the schema first if it fails and a repair runs."""
@@ -114,6 +123,26 @@ class _Chain:
             if (res2 := db.execute(fixed, timeout=TIMEOUT)).error is None:
                 return fixed, res2
         return sql, res
+
+    def link_values(self):
+        """0. The cells each question mentions (values.py), from each database's index (built once, cached)."""
+        from .values import ValueLinker, describe, load_index
+        t0, linkers = time.perf_counter(), {}
+        for i, (db, e, tr) in enumerate(zip(self.dbs, self.examples, self.traces)):
+            if db.path not in linkers:
+                linkers[db.path] = ValueLinker(load_index(db))
+            matches = linkers[db.path].match(e.question)
+            tr.values, self.value_columns[i] = describe(matches), [(t, c) for t, c, _ in matches]
+        self.times["values"] = time.perf_counter() - t0
+
+    def find_demos(self, pool):
+        """0. The solved questions most like each question's skeleton, on other databases (demos.py)."""
+        from .demos import describe, name_words
+        t0 = time.perf_counter()
+        for db, e, tr in zip(self.dbs, self.examples, self.traces):
+            names = name_words([t.name for t in db.tables] + [c.name for t in db.tables for c in t.columns])
+            tr.demos = describe(pool.similar(e.question, names, e.db_id))
+        self.times["demos"] = time.perf_counter() - t0
 
     def link_schema(self, recall_sl: bool):
         """1. The SL answers, and the pre-SQL (a TS prompt on the full schema), share the full-schema prefix
@@ -128,6 +157,8 @@ class _Chain:
                 linked = {t: cols or {c.name for c in db.table(t).columns} for t, cols in linked.items()}
             for t, cols in used_schema(tr.pre_sql, db).items():
                 linked.setdefault(t, set()).update(cols)
+            for t, c in self.value_columns.get(i, ()):  # a value shown keeps its column in the pruned schema
+                linked.setdefault(t, set()).add(c)
             tr.linked = linked
             if linked:
                 tr.pruned_schema = db.schema_prompt(keep=linked, sample_rows=SAMPLE_ROWS)
@@ -139,7 +170,8 @@ class _Chain:
         items = []
         for i, (e, tr) in enumerate(zip(self.examples, self.traces)):
             if tr.pruned_schema:
-                prompt = prompts.build(self.tok, "ts", tr.pruned_schema, e.question, e.evidence)
+                prompt = prompts.build(self.tok, "ts", tr.pruned_schema, e.question, e.evidence, values=tr.values,
+                                       demos=tr.demos)
                 ids = [t for part in self.tok.encode_parts([prompt])[0] for t in part]
                 items.append((i, (ids[:-1], ids[-1:])))
             else:

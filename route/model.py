@@ -282,7 +282,8 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module) -> int:
     """Swap the bf16 CPU linear layers of an inference model (plain nn.Linear, and merged LoRA layers) for
-    PackedLinear; returns how many. A no-op where torch lacks the ops (other builds, GPUs): correct, just slower."""
+    PackedLinear; returns how many. A no-op where torch or the CPU lacks them (other builds, GPUs, AVX2-only CPUs):
+    correct, just slower."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return 0
     n = 0
@@ -290,6 +291,9 @@ def pack_linears(model: nn.Module) -> int:
         for name, child in list(module.named_children()):
             plain = type(child) is nn.Linear or getattr(child, "merged", False)  # (a merged LoRALinear)
             if plain and child.weight.device.type == "cpu" and child.weight.dtype == torch.bfloat16:
-                setattr(module, name, PackedLinear(child))
+                try:
+                    setattr(module, name, PackedLinear(child))
+                except RuntimeError:  # oneDNN's bf16 layout needs AVX512 or AVX-NE-CONVERT: keep plain F.linear
+                    return n
                 n += 1
     return n

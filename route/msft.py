@@ -23,7 +23,7 @@ from sqlglot import exp
 
 from . import prompts
 from .database import open_database
-from .datasets import VALIDATION_DBS, load_dataset
+from .datasets import HELD_OUT_DBS, VALIDATION_DBS, load_dataset
 from .evaluate import results_match
 from .files import atomic_file
 from .sql import clause_prefixes, order_matters, parse, used_schema
@@ -237,11 +237,11 @@ def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[st
 def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, seed: int = 0,
           limit: int | None = None, val_questions: int = 60, nc_from_model=None, **kw) -> dict:
     """Build train.jsonl and val.jsonl in `out`; returns the counts. val.jsonl (the held-out loss) takes
-    `val_questions` questions of Spider's validation databases (datasets.VALIDATION_DBS), which train.jsonl never
-    sees; a dataset without them (BIRD) holds out 2% of its questions. nc_from_model: e.g. model_sql."""
+    `val_questions` questions of Spider's validation databases (datasets.VALIDATION_DBS); train.jsonl never sees
+    those nor the second check's (HELD_OUT_DBS); a dataset without them (BIRD) holds out 2% of its questions. nc_from_model: e.g. model_sql."""
     ds = load_dataset(data, split)
     held = [e for e in ds.examples if e.db_id in VALIDATION_DBS]
-    examples = [e for e in ds.examples if e.db_id not in VALIDATION_DBS]
+    examples = [e for e in ds.examples if e.db_id not in HELD_OUT_DBS]
     rng = random.Random(seed)
     rng.shuffle(examples)
     rng.shuffle(held)
@@ -252,7 +252,7 @@ def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, 
         held, examples = examples[:n], examples[n:]
     out = Path(out)
     counts = Counter({"skipped: database missing": ds.skipped,
-                      "held out: questions on validation databases": sum(e.db_id in VALIDATION_DBS for e in ds)})
+                      "held out: questions on validation databases": sum(e.db_id in HELD_OUT_DBS for e in ds)})
     for name, part in (("val", held[:val_questions]), ("train", examples)):
         sqls = nc_from_model(part) if nc_from_model and "nc" in tasks else None
         records, c = build_examples(part, tasks, seed, model_sql=sqls, **kw)

@@ -8,7 +8,7 @@ import pytest
 
 from route import msft, prompts
 from route.database import open_database
-from route.datasets import VALIDATION_DBS, Example, load_dataset
+from route.datasets import HELD_OUT_DBS, VALIDATION_DBS, VALIDATION_DBS_2, Example, load_dataset
 from route.sql import parse
 from tiny import write_music_db
 
@@ -113,20 +113,26 @@ def test_build_from_spider(spider, tmp_path):
     assert counts["skipped: database missing"] > 0  # soccer_1 / baseball_1 are absent from this copy
     n = sum(1 for _ in open(tmp_path / "train.jsonl"))
     assert n == counts["train records"] and n > 150
-    # the validation split is disjoint from training by database: its questions make the held-out loss only
+    # both validation checks are disjoint from training by database: val's questions make the held-out loss only
     train = {json.loads(x)["db_id"] for x in open(tmp_path / "train.jsonl")}
     val = {json.loads(x)["db_id"] for x in open(tmp_path / "val.jsonl")}
-    assert not train & set(VALIDATION_DBS) and val <= set(VALIDATION_DBS) and len(val) > 5
-    assert counts["held out: questions on validation databases"] >= 314
+    assert not train & set(HELD_OUT_DBS) and val <= set(VALIDATION_DBS) and len(val) > 5
+    assert counts["held out: questions on validation databases"] == 922 + 461
 
 
-def test_validation_split_is_whole_training_databases(spider):
-    val = load_dataset(spider, "val")
-    assert len(val) == 314 and {e.db_id for e in val} == set(VALIDATION_DBS)
+def test_validation_checks_are_whole_training_databases(spider):
+    val, val2 = load_dataset(spider, "val"), load_dataset(spider, "val2")
+    assert len(val) == 922 and {e.db_id for e in val} == set(VALIDATION_DBS)
+    assert len(val2) == 461 and {e.db_id for e in val2} == set(VALIDATION_DBS_2)
+    assert not set(VALIDATION_DBS) & set(VALIDATION_DBS_2)
     train = load_dataset(spider, "train")
-    assert sum(e.db_id in VALIDATION_DBS for e in train) == 314  # every question on those databases
+    assert sum(e.db_id in VALIDATION_DBS for e in train) == 922  # every question on those databases
+    assert sum(e.db_id in VALIDATION_DBS_2 for e in train) == 461
     dev = json.load(open(spider / "dev_sample.json"))
-    assert not {r["db_id"] for r in dev} & set(VALIDATION_DBS)
+    assert not {r["db_id"] for r in dev} & set(HELD_OUT_DBS)
+    # the ids are positions in train_spider.json: the gold of each is that file's record
+    records = json.load(open(spider / "train_spider.json"))
+    assert all(records[e.index]["query"].strip() == e.gold_sql for e in val2)
 
 
 def test_model_written_nc_candidates(examples, tmp_path):

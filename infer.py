@@ -20,7 +20,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "data" / "demo"
-ADAPTER = ROOT / "adapters" / "qwen2.5-coder-0.5b-route"  # trained by train.py for the default model
 SAMPLES = 2  # sampled TS candidates with the chain: chosen on the validation split for accuracy against time (README)
 
 
@@ -29,8 +28,8 @@ def parse_args(argv=None):
     ap.add_argument("--mcp", action="store_true", help="run the full MCP chain (same as --steps sl,nc,cw)")
     ap.add_argument("--steps", default=None, help="comma-separated MCP steps among sl,nc,cw; 'none' = plain TS")
     ap.add_argument("--model", default=None, help="HF-format directory or .gguf file (default: Qwen2.5-Coder-0.5B)")
-    ap.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format)")
-    ap.add_argument("--no-adapter", action="store_true", help="do not use the adapter shipped for the default model")
+    ap.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format); e.g. "
+                    "adapters/qwen2.5-coder-0.5b-route, MSFT for the default model (opt-in: see its card)")
     ap.add_argument("--fewshot", choices=["auto", "yes", "no"], default="auto",
                     help="few-shot SL/NC/CW prompts (auto: yes unless a fine-tuned adapter is used)")
     ap.add_argument("--samples", type=int, default=None,
@@ -92,8 +91,6 @@ def load_engine(args):
     from route.generate import load_for_inference
 
     adapter = Path(args.adapter) if args.adapter else None
-    if adapter is None and args.model is None and not args.no_adapter and (ADAPTER / "adapter_config.json").exists():
-        adapter = ADAPTER
     model, tok = load_for_inference(args.model, args.dtype, args.device, adapter)
     if adapter is not None:
         print(f"adapter: {adapter}")

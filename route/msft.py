@@ -224,13 +224,13 @@ def write_jsonl(records, path: Path):
 
 
 def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[str]:
-    """The SQL a model (a path, or None: the default model) writes for each example, zero-shot TS as inference
-    runs it: NC candidates with the mistakes this model actually makes."""
+    """The SQL a model (a path, or None: the default model) writes for each example, zero-shot TS on the full
+    schema, unrepaired: NC candidates with the mistakes this model actually makes."""
     from .generate import load_for_inference
     from .mcp import run_chain
 
     lm, tok = load_for_inference(model)
-    traces, _ = run_chain(lm, tok, examples, steps=(), fewshot=False, batch_tokens=batch_tokens)
+    traces, _ = run_chain(lm, tok, examples, steps=(), fewshot=False, repair=False, batch_tokens=batch_tokens)
     return [t.sql for t in traces]
 
 

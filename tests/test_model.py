@@ -127,12 +127,49 @@ def test_packed_linears_same_logits(tmp_path):
         n = pack_linears(m)
         after = m(x).float()
     if n == 0:
-        pytest.skip("this torch build has no oneDNN linear packing")
+        pytest.skip("this torch build or CPU has no oneDNN bf16 linear packing (AVX512 or AVX-NE-CONVERT)")
     assert n == 2 * 7 + 1  # every projection of both layers, and the (tied) output head
     assert (after - before).abs().max() <= 0.02 * before.abs().max()
     assert (after - exact).abs().max() <= 1.5 * (before - exact).abs().max()
     agree = lambda y: (y.argmax(-1) == exact.argmax(-1)).float().mean()  # noqa: E731
     assert agree(after) >= agree(before) - 0.05
+
+
+def test_packing_falls_back_where_the_cpu_cannot(tmp_path, monkeypatch):
+    """On a CPU without AVX512 oneDNN refuses the bf16 layout (a RuntimeError infer.py used to die of): the
+    layers stay plain, and the model computes what it did."""
+    import route.model as model_module
+    from route.model import PackedLinear, pack_linears
+
+    write_tiny(tmp_path, "qwen2")
+    m = load_model(tmp_path, dtype="bf16")
+    x = torch.randint(0, VOCAB, (2, 30))
+
+    def refuse(self, linear):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw")
+
+    monkeypatch.setattr(model_module.PackedLinear, "__init__", refuse)
+    with torch.no_grad():
+        before = m(x)
+        assert pack_linears(m) == 0 and not any(isinstance(l, PackedLinear) for l in m.modules())
+        assert torch.equal(m(x), before)
+
+
+def test_inference_dtype_follows_the_hardware(tmp_path, monkeypatch):
+    """dtype "auto" (infer.py's default): bf16 where the hardware multiplies it fast, else fp32 (an AVX2 CPU
+    emulates bf16 about 5x slower); an explicit dtype is taken as given."""
+    import route.mfu
+    from route.generate import load_for_inference
+    from tiny import write_tiny_tokenizer
+
+    write_tiny(tmp_path, "qwen2")
+    write_tiny_tokenizer(tmp_path, "qwen2")
+    for fast in (torch.float32, torch.bfloat16):
+        monkeypatch.setattr(route.mfu, "compute_dtype", lambda name, device, fast=fast: fast)
+        lm, _ = load_for_inference(tmp_path, "auto", "cpu")
+        assert {p.dtype for p in lm.parameters()} == {fast}
+    lm, _ = load_for_inference(tmp_path, "fp32", "cpu")
+    assert {p.dtype for p in lm.parameters()} == {torch.float32}
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

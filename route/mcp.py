@@ -126,12 +126,10 @@ class _Chain:
 
     def link_values(self):
         """0. The cells each question mentions (values.py), from each database's index (built once, cached)."""
-        from .values import ValueLinker, describe, load_index
-        t0, linkers = time.perf_counter(), {}
+        from .values import describe, linker
+        t0 = time.perf_counter()
         for i, (db, e, tr) in enumerate(zip(self.dbs, self.examples, self.traces)):
-            if db.path not in linkers:
-                linkers[db.path] = ValueLinker(load_index(db))
-            matches = linkers[db.path].match(e.question)
+            matches = linker(db).match(e.question)
             tr.values, self.value_columns[i] = describe(matches), [(t, c) for t, c, _ in matches]
         self.times["values"] = time.perf_counter() - t0
 

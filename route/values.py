@@ -147,6 +147,20 @@ class ValueLinker:
         return [tuple(self.cells[i]) for i in best]
 
 
+_LINKERS: dict = {}  # (path, size, mtime) -> ValueLinker: a session's questions pay neither hash nor load again
+
+
+def linker(db) -> "ValueLinker":
+    """The database's ValueLinker, kept in memory while its file is unchanged."""
+    st = db.path.stat()
+    key = (str(db.path), st.st_size, st.st_mtime_ns)
+    if key not in _LINKERS:
+        if len(_LINKERS) >= 64:  # a bound, for a process that visits many databases
+            _LINKERS.clear()
+        _LINKERS[key] = ValueLinker(load_index(db))
+    return _LINKERS[key]
+
+
 def describe(matches) -> str:
     """The prompt's lines: `table.column = 'value'`, the value quoted as SQL would write it."""
     return "\n".join(f"{quote(t)}.{quote(c)} = '{v.replace(chr(39), chr(39) * 2)}'" for t, c, v in matches)

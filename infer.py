@@ -39,10 +39,6 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="for --samples")
     ap.add_argument("--no-repair", action="store_true",
                     help="no schema-based repair of failing SQL (plain text-to-SQL never repairs)")
-    ap.add_argument("--vote-with-base", action="store_true",
-                    help="with an adapter: the base model's TS answer votes too (a second copy of the model)")
-    ap.add_argument("--no-recall-sl", action="store_true",
-                    help="a table SL names without a known column keeps only its keys (not all its columns)")
     ap.add_argument("--values", action="store_true",
                     help="show SL and TS the database's cells that the question mentions (route/values.py)")
     ap.add_argument("--demos", default=None, metavar="SOURCE",
@@ -86,20 +82,14 @@ def load_examples(args):
 
 
 def load_engine(args):
-    """Model + tokenizer (+ adapter) + the base model when its answers vote too (--vote-with-base): returns
-    (model, tokenizer, whether a fine-tuned adapter is active, base model or None)."""
+    """Model + tokenizer (+ adapter): returns (model, tokenizer, whether a fine-tuned adapter is active)."""
     from route.generate import load_for_inference
 
     adapter = Path(args.adapter) if args.adapter else None
     model, tok = load_for_inference(args.model, args.dtype, args.device, adapter)
     if adapter is not None:
         print(f"adapter: {adapter}")
-    base = None
-    if adapter is not None and args.vote_with_base:
-        # a second, plain copy rather than an unmerged adapter switched off: merged and packed, each copy runs
-        # at full speed on CPU, and a 0.5B model's copy costs 1 GB
-        base, _ = load_for_inference(args.model, args.dtype, args.device)
-    return model, tok, adapter is not None, base
+    return model, tok, adapter is not None
 
 
 def main(argv=None):
@@ -118,15 +108,14 @@ def main(argv=None):
         load_sqlite(args.db, [])  # a missing or non-SQLite file fails now, not after loading the model
     else:
         ds = load_examples(args)
-    model, tok, tuned, base = load_engine(args)
+    model, tok, tuned = load_engine(args)
     fewshot = {"auto": not tuned, "yes": True, "no": False}[args.fewshot]
     # the chain with this run's options: a dataset run and a session call the same thing
     # plain text-to-SQL (--steps none) is the model's greedy answer as written: no samples, no repair
     samples = args.samples if args.samples is not None else SAMPLES if steps else 0
     chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=samples,
                     temperature=args.temperature, seed=args.seed, repair=not args.no_repair and bool(steps),
-                    recall_sl=not args.no_recall_sl, base=base, batch_tokens=args.batch_tokens,
-                    reuse_prefix=not args.no_prefix_reuse, values=args.values,
+                    batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse, values=args.values,
                     demos=load_pool(args.demos) if args.demos else None)
     print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "
           f"{'few-shot' if fewshot else 'zero-shot'} prompts" + (", value linking" if args.values else "")

@@ -25,9 +25,6 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=str(SPIDER), help="Spider or BIRD root with its training split")
     ap.add_argument("--msft", default=None,
                     help="MSFT data directory (default: data/msft/heldout-seed<seed>-limit<limit>...)")
-    ap.add_argument("--canonical-targets", action="store_true",
-                    help="gold SQL in the schema's spelling and sqlglot's layout (measured once, on the first "
-                    "adapter: no gain)")
     ap.add_argument("--nc-from-model", action="store_true",
                     help="when building the data, add NC candidates that the base model writes (slow: one TS pass)")
     ap.add_argument("--limit", type=int, default=1800, help="training questions used (each gives up to 4 records); "
@@ -79,8 +76,7 @@ def main(argv=None):
     if set(tasks) - set(msft.TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(set(tasks) - set(msft.TASKS))}; choose from ts,sl,nc,cw")
     # "val20x10": data built with both validation checks' databases left out (older directories were not)
-    name = (f"val20x10-seed{args.seed}-limit{args.limit}" + ("-canonical" if args.canonical_targets else "")
-            + ("-ncmodel" if args.nc_from_model else ""))
+    name = f"val20x10-seed{args.seed}-limit{args.limit}" + ("-ncmodel" if args.nc_from_model else "")
     data_dir = Path(args.msft or ROOT / "data" / "msft" / name)
     # a bad --data or --model fails now, not after building the data
     if args.data != str(SPIDER) or not (data_dir / "train.jsonl").exists():
@@ -89,8 +85,7 @@ def main(argv=None):
     if not (data_dir / "train.jsonl").exists():
         print(f"building MSFT data from {args.data} into {data_dir}")
         gen = (lambda exs: msft.model_sql(args.model, exs)) if args.nc_from_model else None
-        counts = msft.build(args.data, data_dir, seed=args.seed, limit=args.limit, nc_from_model=gen,
-                            canonical=args.canonical_targets)
+        counts = msft.build(args.data, data_dir, seed=args.seed, limit=args.limit, nc_from_model=gen)
         print("\n".join(f"  {k:46}{v:>7}" for k, v in sorted(counts.items())))
 
     tok = Tokenizer.from_dir(model_dir)

@@ -53,16 +53,15 @@ class Trace:
     demos: str = ""     # the solved questions TS saw (demos.py)
 
 
-def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0,
-              temperature: float = 0.8, seed: int = 0, repair: bool = True, recall_sl: bool = True, base=None,
-              batch_tokens: int = 65536, reuse_prefix: bool = True, progress: bool = True, values: bool = False,
-              demos=None, generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
+def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0, temperature: float = 0.8,
+              seed: int = 0, repair: bool = True, batch_tokens: int = 65536, reuse_prefix: bool = True,
+              progress: bool = True, values: bool = False, demos=None,
+              generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
     """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
     samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
-    question (temperature, seed) for the vote. base: a second model (the base model of `model`'s adapter)
-    whose greedy TS answer on the same pruned schema votes too. values: show SL and TS the database cells each
-    question mentions (values.py). demos: a demos.DemoPool whose nearest solved questions TS sees. generate_fn
-    stands in for generate() in tests."""
+    question (temperature, seed) for the vote. values: show SL and TS the database cells each question mentions
+    (values.py). demos: a demos.DemoPool whose nearest solved questions TS sees. generate_fn stands in for
+    generate() in tests."""
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
@@ -73,8 +72,8 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
     if demos is not None:
         chain.find_demos(demos)
     if "sl" in steps:
-        chain.link_schema(recall_sl)
-    chain.write_sql(samples, temperature, seed, base)
+        chain.link_schema()
+    chain.write_sql(samples, temperature, seed)
     if "nc" in steps:
         chain.correct_noise()
     if "cw" in steps:
@@ -96,14 +95,14 @@ class _Chain:
         self.schemas = {db.path: db.schema_prompt(sample_rows=SAMPLE_ROWS) for db in self.dbs}
         self.traces = [Trace(e.question, e.db_id) for e in examples]
 
-    def ask(self, task, items, step=None, prefix_cache=None, lm=None, **kw):
+    def ask(self, task, items, step=None, prefix_cache=None, **kw):
         """The answers to one task's prompts, items (index, prompt parts), timed as `step` (the task unless
-        given: the pre-SQL, the samples and the base model's answers are TS prompts)."""
+        given: the pre-SQL and the samples are TS prompts)."""
         if not items:
             return []
         t0, step = time.perf_counter(), step or task
-        lm, prefix_cache = self.model if lm is None else lm, self.cache if prefix_cache is None else prefix_cache
-        outs = self.generate_fn(lm, self.tok, [p for _, p in items], max_new_tokens=MAX_NEW_TOKENS[task],
+        prefix_cache = self.cache if prefix_cache is None else prefix_cache
+        outs = self.generate_fn(self.model, self.tok, [p for _, p in items], max_new_tokens=MAX_NEW_TOKENS[task],
                                 stop=prompts.STOP[task], keep_stop=task == "nc", prefix_cache=prefix_cache,
                                 desc=step, **self.generate_kw, **kw)
         self.times[step] = self.times.get(step, 0.0) + time.perf_counter() - t0
@@ -142,7 +141,7 @@ class _Chain:
             tr.demos = describe(pool.similar(e.question, names, e.db_id))
         self.times["demos"] = time.perf_counter() - t0
 
-    def link_schema(self, recall_sl: bool):
+    def link_schema(self):
         """1. The SL answers, and the pre-SQL (a TS prompt on the full schema), share the full-schema prefix
         (computed once, cached); what either names makes the pruned schema."""
         everyone = range(len(self.examples))
@@ -150,9 +149,9 @@ class _Chain:
         pre_outs = self.ask("ts", [(i, self.full("ts", i)) for i in everyone], step="pre-sql")
         for i, (db, tr) in enumerate(zip(self.dbs, self.traces)):
             tr.sl_answer, tr.pre_sql = sl_outs[i], prompts.parse_sql(pre_outs[i])
-            linked = prompts.parse_links(tr.sl_answer, db)
-            if recall_sl:  # a table named without a column that resolves keeps all its columns
-                linked = {t: cols or {c.name for c in db.table(t).columns} for t, cols in linked.items()}
+            # a table named without a column that resolves keeps all its columns
+            linked = {t: cols or {c.name for c in db.table(t).columns}
+                      for t, cols in prompts.parse_links(tr.sl_answer, db).items()}
             for t, cols in used_schema(tr.pre_sql, db).items():
                 linked.setdefault(t, set()).update(cols)
             for t, c in self.value_columns.get(i, ()):  # a value shown keeps its column in the pruned schema
@@ -161,7 +160,7 @@ class _Chain:
             if linked:
                 tr.pruned_schema = db.schema_prompt(keep=linked, sample_rows=SAMPLE_ROWS)
 
-    def write_sql(self, samples: int, temperature: float, seed: int, base):
+    def write_sql(self, samples: int, temperature: float, seed: int):
         """2. Text-to-SQL, on the pruned schema where there is one, then the vote. A pruned prompt is unique to
         its question: it goes as token ids (encoded part by part, as in training), all but its last token one
         cache level that the greedy answer and the samples share, in a cache that dies with this step."""
@@ -180,12 +179,9 @@ class _Chain:
         sampled = self.ask("ts", [it for it in items for _ in range(samples)], step="samples",
                            prefix_cache=ts_cache, temperature=temperature, seed=seed)
         del ts_cache
-        from_base = self.ask("ts", items, step="base ts", prefix_cache=PrefixCache(max_bytes=1 << 30),
-                             lm=base) if base else []
         for k, (i, _) in enumerate(items):
             tr = self.traces[i]
             cands = [Candidate(tr.ts_sql, "ts")] + ([Candidate(tr.pre_sql, "pre-sql")] if tr.pre_sql else []) + \
-                ([Candidate(prompts.parse_sql(from_base[k]), "base ts")] if base else []) + \
                 [Candidate(prompts.parse_sql(sampled[k * samples + j]), f"sample {j + 1}") for j in range(samples)]
             written = [c.sql for c in cands]
             for c in cands:

@@ -8,8 +8,8 @@ For every training question whose gold SQL runs:
       gold re-written by sqlglot, or with one deterministic edit (EDITS); with --nc-from-model, also the SQL a
       model writes. Labels come from execution, never from the edit.
   CW  the gold cut at a clause boundary -> the rest of it.
-Targets are the gold as written (--canonical: in the schema's own names); prompts are prompts.py's templates,
-stored as chat messages so any chat format can render them.
+Targets are the gold as written; prompts are prompts.py's templates, stored as chat messages so any chat format
+can render them.
 
     python -m route.msft --data ../shared/data/spider --out data/msft [--limit 2000] [--seed 0] [--nc-from-model]
 """
@@ -35,27 +35,6 @@ def _record(task, ex, schema, answer, **inputs) -> dict:
     msgs, start = prompts.messages(task, schema, ex.question, ex.evidence, **inputs)
     return {"task": task, "db_id": ex.db_id, "messages": msgs, "answer_start": start,
             "target": prompts.target(task, answer)}
-
-
-def canonical_sql(gold: str, tree, db, gold_rows, timeout: float) -> str:
-    """The gold in sqlglot's layout with every table and column spelled as the schema declares it (Spider
-    mixes "pettype" and PetType; a small model learns the spelling too, then invents names). The gold itself
-    is kept when the rewrite changes the result."""
-    if tree is None:
-        return gold
-    tables = {t.name.lower(): t.name for t in db.tables}
-    columns: dict[str, str] = {}
-    for t in db.tables:
-        for c in t.columns:
-            columns.setdefault(c.name.lower(), c.name)
-    t = tree.copy()
-    for node in t.find_all(exp.Table):
-        node.set("this", exp.to_identifier(tables.get(node.name.lower(), node.name)))
-    for node in t.find_all(exp.Column):
-        if node.name.lower() in columns:
-            node.set("this", exp.to_identifier(columns[node.name.lower()]))
-    sql = t.sql(dialect="sqlite")
-    return sql if same_result(db, sql, gold, gold_rows, timeout)[1] else gold
 
 
 def same_result(db, sql: str, gold: str, gold_rows, timeout: float):
@@ -157,11 +136,9 @@ def _noisy_keep(keep: dict[str, set[str]], db, rng: random.Random) -> dict[str, 
 
 
 def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, nc_correct_share: float = 0.4,
-                   timeout: float = 5.0, model_sql: list[str] | None = None,
-                   canonical: bool = False) -> tuple[list[dict], Counter]:
+                   timeout: float = 5.0, model_sql: list[str] | None = None) -> tuple[list[dict], Counter]:
     """The MSFT records for `examples` (route.datasets.Example), and counts of what was made and dropped.
-    canonical: targets use canonical_sql (measured once, on the first adapter: no gain). model_sql[i]:
-    SQL a model wrote for examples[i], one more NC candidate."""
+    model_sql[i]: SQL a model wrote for examples[i], one more NC candidate."""
     rng = random.Random(seed)
     records, counts = [], Counter()
     for n, ex in enumerate(examples):
@@ -173,13 +150,10 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
         tree = parse(ex.gold_sql)
         schema = db.schema_prompt(sample_rows=sample_rows)
         keep = used_schema(ex.gold_sql, db)
-        gold = canonical_sql(ex.gold_sql, tree, db, gold_run.rows, timeout) if canonical else ex.gold_sql
-        if canonical:
-            counts["gold rewritten to schema spelling" if gold != ex.gold_sql else "gold kept as written"] += 1
         if "ts" in tasks:
             pruned = tree is not None and keep and rng.random() < 0.5
             ts_schema = db.schema_prompt(keep=_noisy_keep(keep, db, rng), sample_rows=sample_rows) if pruned else schema
-            records.append(_record("ts", ex, ts_schema, gold))
+            records.append(_record("ts", ex, ts_schema, ex.gold_sql))
             counts["ts (pruned schema)" if pruned else "ts"] += 1
         if "sl" in tasks:
             if keep:
@@ -199,15 +173,15 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
                 if kind == "rewrite" and not same:
                     counts["dropped nc: sqlglot rewrite changed the result"] += 1
                     continue
-                records.append(_record("nc", ex, schema, None if same else gold, sql=sql,
+                records.append(_record("nc", ex, schema, None if same else ex.gold_sql, sql=sql,
                                        execution=prompts.describe_execution(run)))
                 counts[f"nc {'correct' if same else 'wrong'}"] += 1
                 counts[f"  nc candidates from {kind}"] += 1
         if "cw" in tasks:
-            cuts = clause_prefixes(gold)
+            cuts = clause_prefixes(ex.gold_sql)
             if cuts:
                 cut = rng.choice(cuts)
-                rest = gold.strip().rstrip(";").rstrip()[len(cut):]
+                rest = ex.gold_sql.strip().rstrip(";").rstrip()[len(cut):]
                 records.append(_record("cw", ex, schema, rest, partial=cut))
                 counts["cw"] += 1
             else:
@@ -271,7 +245,6 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="use only N questions (a seeded random subset)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample-rows", type=int, default=3)
-    ap.add_argument("--canonical", action="store_true", help="targets in the schema's spelling (canonical_sql)")
     ap.add_argument("--nc-from-model", nargs="?", const="", default=None, metavar="MODEL",
                     help="add NC candidates that a model (default: the default model) writes for the questions")
     args = ap.parse_args(argv)
@@ -279,7 +252,7 @@ def main(argv=None):
     # the flag alone ("") means the default model
     gen = None if args.nc_from_model is None else (lambda exs: model_sql(args.nc_from_model or None, exs))
     counts = build(args.data, args.out, args.split, tasks, args.seed, args.limit, nc_from_model=gen,
-                   sample_rows=args.sample_rows, canonical=args.canonical)
+                   sample_rows=args.sample_rows)
     for k in sorted(counts, key=lambda k: (k.startswith("val"), k.strip())):
         print(f"{k:48}{counts[k]:>8}")
 

@@ -167,40 +167,37 @@ def test_prompt_parts_and_targets(tiny_engine, db_path):
     assert prompts.target("nc", "SELECT 1") == "wrong\n```sql\nSELECT 1\n```"
 
 
-def test_samples_and_the_base_model_vote(db_path, tiny_engine):
-    """The greedy TS answer fails, two of three samples agree on another result, the base model's TS answer
-    agrees with them: the vote answers with that result, and every candidate is in the trace. Each model is
-    asked on the same pruned prompt, and the samples with the step's temperature and seed."""
+def test_samples_vote(db_path, tiny_engine):
+    """The greedy TS answer and the pre-SQL fail, two of three samples agree on one result: the vote answers
+    with that result, and every candidate is in the trace. The samples are asked on the greedy answer's pruned
+    prompt, with the step's temperature and seed."""
     model, tok = tiny_engine
-    base = object()  # stands for the second model: the scripted generate only checks which one it is given
     asked = []
 
     def fake(lm, tok, prompt_list, **kw):
         text = lambda p: "".join(x if isinstance(x, str) else tok.decode(x, skip_special=False) for x in p)  # noqa
         task = next(t for marker, t in TASKS.items() if marker in text(prompt_list[0]))
-        asked.append((task, lm is base, kw.get("temperature", 0.0), kw.get("seed"), [text(p) for p in prompt_list]))
+        asked.append((task, lm is model, kw.get("temperature", 0.0), kw.get("seed"), [text(p) for p in prompt_list]))
         if task == "sl":
             return ['{"singer": ["name", "age"]}'] * len(prompt_list)
-        if lm is base:
-            return ["SELECT name FROM singer WHERE age > 30"]
         if kw.get("temperature"):
-            return ["SELECT name FROM singer WHERE age > 30", "SELECT name FROM singer", "SELECT name FROM singer "
+            return ["SELECT name FROM singer", "SELECT name FROM singer WHERE age > 30", "SELECT name FROM singer "
                     "WHERE 30 < age"]
         return ["SELECT song FROM singer"]  # greedy TS and pre-SQL: does not run
 
     ex = Example("Which singers are older than 30?", "music", db_path)
-    traces, times = run_chain(model, tok, [ex], steps=("sl",), samples=3, temperature=0.7, seed=5, base=base,
+    traces, times = run_chain(model, tok, [ex], steps=("sl",), samples=3, temperature=0.7, seed=5,
                               generate_fn=fake, progress=False)
     tr = traces[0]
-    assert [c["source"] for c in tr.candidates] == ["ts", "pre-sql", "base ts", "sample 1", "sample 2", "sample 3"]
-    assert [c["group"] for c in tr.candidates] == [-1, -1, 0, 0, 1, 0]
-    assert tr.vote_sql == tr.sql == "SELECT name FROM singer WHERE age > 30"
+    assert [c["source"] for c in tr.candidates] == ["ts", "pre-sql", "sample 1", "sample 2", "sample 3"]
+    assert [c["group"] for c in tr.candidates] == [-1, -1, 0, 1, 1]
+    assert tr.vote_sql == tr.sql == "SELECT name FROM singer WHERE age > 30"  # the majority, not the first sample
     assert tr.rows == [list(r) for r in open_database(db_path).execute(tr.sql).rows] and tr.rows
     ts_calls = [a for a in asked if a[0] == "ts"]
     pruned = [a for a in ts_calls if "### Task: text-to-SQL" in a[4][0] and "concert" not in a[4][0]]
-    assert len(pruned) == 3 and all(a[4] == pruned[0][4][:1] * len(a[4]) for a in pruned)  # one prompt, 3 askers
-    assert [(a[1], a[2], a[3]) for a in pruned] == [(False, 0.0, None), (False, 0.7, 5), (True, 0.0, None)]
-    assert {"samples", "base ts"} <= set(times)
+    assert len(pruned) == 2 and all(a[4] == pruned[0][4][:1] * len(a[4]) for a in pruned)  # one prompt, 2 askers
+    assert [(a[1], a[2], a[3]) for a in pruned] == [(True, 0.0, None), (True, 0.7, 5)]
+    assert "samples" in times
 
 
 def test_nc_skips_answers_the_candidates_agree_on(db_path, tiny_engine):

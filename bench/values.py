@@ -21,6 +21,7 @@ from sqlglot import exp  # noqa: E402
 from route.database import open_database  # noqa: E402
 from route.datasets import load_dataset  # noqa: E402
 from route.sql import parse  # noqa: E402
+from route.demos import name_words  # noqa: E402
 from route.values import ValueLinker, build_index  # noqa: E402
 
 
@@ -63,7 +64,8 @@ def main(argv=None):
         for e in ds.examples:
             db = open_database(e.db_path)
             if e.db_id not in linkers:
-                linkers[e.db_id] = ValueLinker(build_index(db))
+                names = name_words([t.name for t in db.tables] + [c.name for t in db.tables for c in t.columns])
+                linkers[e.db_id] = ValueLinker(build_index(db), names)
             t0 = time.perf_counter()
             matches = linkers[e.db_id].match(e.question)
             seconds += time.perf_counter() - t0

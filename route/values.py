@@ -24,7 +24,7 @@ from .files import atomic_file, sha256_file
 MAX_CHARS = 60          # longer cells (addresses, descriptions, blobs as text) are not values a question names
 MAX_PER_COLUMN = 5000   # distinct cells read per column
 BUILD_SECONDS = 20.0    # the whole index; past it the index is partial, and says so
-SHOWN = 5               # matches shown per question
+SHOWN = 3               # distinct values shown per question
 FUZZY = 5               # words this long or longer may match with one letter wrong
 STOP = set("a an and are as at be by did do does for from give has have how i in is it its list many me much "
            "name names number of on or show than that the their them there these they this those to was were "
@@ -101,8 +101,8 @@ def _one_edit(a: str, b: str) -> bool:
 class ValueLinker:
     """Matches questions against one database's index (built or loaded once)."""
 
-    def __init__(self, index: dict):
-        self.cells = index["cells"]
+    def __init__(self, index: dict, names: set[str] = frozenset()):
+        self.cells, self.names = index["cells"], set(names)  # names: the schema's words (no fuzzy match there)
         self.words = defaultdict(set)   # folded word -> ids of the cells that contain it
         self.near = defaultdict(set)    # a word with one letter deleted -> the words it came from (SymSpell)
         self.cell_words = [fold(value).split() for _, _, value in self.cells]
@@ -124,27 +124,40 @@ class ValueLinker:
         return {s for s in found if s == w or _one_edit(s, w)}  # two words sharing a deletion may be 2 apart
 
     def match(self, question: str, k: int = SHOWN) -> list[tuple[str, str, str]]:
-        """The k best (table, column, value) for the question. A cell matches whole when its words are in the
-        question (one letter wrong allowed in words of 5 or more letters; words like "the" need not be), all
-        but one if it has three or more; in part when a name the question quotes or capitalizes is one of its
-        words ("Diana" -> 'Diana Smith'). Whole matches first, then longer ones."""
+        """The best (table, column, value) for the question, at most k distinct values. A cell matches whole
+        when its words are in the question (one letter wrong allowed in words of 5 or more letters that are not
+        the schema's own names; words like "the" need not be), all but one if it has three or more; in part when
+        a name the question quotes or capitalizes is one of its words ("Diana" -> 'Diana Smith') and no cell
+        holds that name whole. A question that names something sees only the cells that hold such a name: a
+        small model turns every value it is shown into a condition."""
         words = fold(question).split()
         present = set(words)
-        names = {w for spans in _NAMES.findall(question) for w in fold(" ".join(spans)).split()}
+        names = {w for spans in _NAMES.findall(question) for w in fold(" ".join(spans)).split()} - STOP
         triggers = {w for w in words if w not in STOP and len(w) > 1 and not (w.isdigit() and len(w) < 4)}
         triggers |= {w for w in names if len(w) == 1}  # "sex is M"
-        fuzzy = {s for w in triggers for s in self._spellings(w)} - present
-        scores = {}
+        fuzzy = {s for w in triggers - self.names for s in self._spellings(w)} - present
+        found = {}
         for i in {i for w in triggers | fuzzy for i in self.words.get(w, ())}:
             cw = self.cell_words[i]
             content = [w for w in cw if w not in STOP] or cw  # a cell of stop words only ("The Who") needs all
             missing = sum(w not in present and w not in fuzzy for w in content)
-            whole = missing <= (len(content) >= 3) and missing < len(content)
-            if whole or names & set(content):
-                found = sum(len(w) for w in cw if w in present) + 0.8 * sum(len(w) for w in cw if w in fuzzy)
-                scores[i] = (not whole, -found)
-        best = sorted(scores, key=lambda i: (*scores[i], i))[:k]
-        return [tuple(self.cells[i]) for i in best]
+            named = bool(names & set(content))
+            if missing <= (len(content) >= 3) and missing < len(content):
+                found[i] = (not named, 0, -sum(len(w) for w in cw if w in present or w in fuzzy))
+            elif named and any(len(w) >= 3 for w in names & set(content)):
+                found[i] = (False, 1, -sum(len(w) for w in cw if w in names))
+        if any(not named for named, _, _ in found.values()):
+            found = {i: f for i, f in found.items() if not f[0]}  # the question names something: only those
+        if any(whole == 0 for _, whole, _ in found.values()):
+            found = {i: f for i, f in found.items() if f[1] == 0}  # a name held whole: no partial matches
+        best, values = [], []
+        for i in sorted(found, key=lambda i: (*found[i], i)):
+            v = self.cells[i][2]
+            if v not in values and len(values) == k:
+                continue
+            values += [v] if v not in values else []
+            best.append(tuple(self.cells[i]))
+        return best
 
 
 _LINKERS: dict = {}  # (path, size, mtime) -> ValueLinker: a session's questions pay neither hash nor load again
@@ -157,10 +170,16 @@ def linker(db) -> "ValueLinker":
     if key not in _LINKERS:
         if len(_LINKERS) >= 64:  # a bound, for a process that visits many databases
             _LINKERS.clear()
-        _LINKERS[key] = ValueLinker(load_index(db))
+        from .demos import name_words
+        _LINKERS[key] = ValueLinker(load_index(db), name_words([t.name for t in db.tables]
+                                                               + [c.name for t in db.tables for c in t.columns]))
     return _LINKERS[key]
 
 
 def describe(matches) -> str:
-    """The prompt's lines: `table.column = 'value'`, the value quoted as SQL would write it."""
-    return "\n".join(f"{quote(t)}.{quote(c)} = '{v.replace(chr(39), chr(39) * 2)}'" for t, c, v in matches)
+    """The prompt's lines, one per value: `'value' (table.column, ...)`, the value quoted as SQL writes it and
+    spelled as stored. Not `table.column = 'value'`: a small model copies such lines into WHERE, every one."""
+    columns = defaultdict(list)
+    for t, c, v in matches:
+        columns[v].append(f"{quote(t)}.{quote(c)}")
+    return "\n".join(f"'{v.replace(chr(39), chr(39) * 2)}' ({', '.join(cols)})" for v, cols in columns.items())

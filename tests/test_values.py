@@ -66,14 +66,31 @@ def test_no_noise_from_common_words(shop):
 
 def test_prompt_lines_quote_names_and_values(shop):
     linker = ValueLinker(build_index(open_database(shop)))
-    text = describe(linker.match("Which customer is named Ann O'Neil?") + linker.match("the blue kettle"))
-    assert "customer.name = 'Ann O''Neil'" in text
-    assert "\"order item\".\"product name\" = 'Blue Kettle'" in text
-    conn = sqlite3.connect(shop)  # each line is SQL that selects the value it shows
+    text = describe(linker.match("Which customer is named \"Ann O'Neil\"?") + linker.match("the blue kettle")
+                    + [("customer", "city", "Calgary"), ("order item", "product name", "Calgary")])
+    assert text.splitlines() == ["'Ann O''Neil' (customer.name)", "'Blue Kettle' (\"order item\".\"product name\")",
+                                 "'Calgary' (customer.city, \"order item\".\"product name\")"]
+    conn = sqlite3.connect(shop)  # each line's value, as SQL, is stored in the first column it names
     for line in text.splitlines():
-        column, value = line.split(" = ", 1)
+        value, columns = line.rsplit(" (", 1)
+        column = columns.rstrip(")").split(", ")[0]
         table = column.rsplit(".", 1)[0]
         assert conn.execute(f"SELECT count(*) FROM {table} WHERE {column} = {value}").fetchone()[0] == 1
+
+
+def test_named_things_crowd_out_common_words(shop):
+    """A small model turns every value it is shown into a condition: where the question names something, only
+    the cells holding that name are shown; a schema's own words never match a value by a typo."""
+    index = build_index(open_database(shop))
+    linker = ValueLinker(index)
+    assert linker.match("Which buyers are from calgary?") == [("customer", "city", "Calgary")]
+    # ... but beside things the question names (quoted, capitalized), an unnamed match is left out
+    assert set(linker.match("Which \"Blue Kettle\" buyers from calgary live in New York City?")) == {
+        ("order item", "product name", "Blue Kettle"), ("customer", "city", "New York City")}
+    assert linker.match("Who ordered the blue kettle?") == [("order item", "product name", "Blue Kettle")]
+    assert linker.match("which customers are in canad?") == [("customer", "country", "Canada")]  # a typo
+    # ... unless the word is one of the schema's names: then it means the column, not a misspelt value
+    assert ValueLinker(index, names={"canad"}).match("which customers are in canad?") == []
 
 
 def test_empty_database_and_read_only(tmp_path):
@@ -120,7 +137,7 @@ def test_chain_shows_values_to_sl_and_ts_only(shop, tmp_path, monkeypatch):
         for parts in prompt_list:
             text = "".join(x if isinstance(x, str) else tok.decode(x, skip_special=False) for x in parts)
             task = next(t for marker, t in TASKS.items() if marker in text)
-            seen.append((task, "customer.city = 'Calgary'" in text))
+            seen.append((task, "'Calgary' (customer.city)" in text))
             outs.append({"sl": '{"customer": ["name"]}', "nc": "correct"}.get(task, "SELECT name FROM customer"))
         return outs
 
@@ -132,7 +149,7 @@ def test_chain_shows_values_to_sl_and_ts_only(shop, tmp_path, monkeypatch):
     model, tok = load_model(tmp_path / "m"), Tokenizer.from_dir(tmp_path / "m")
     ex = Example("Who lives in Calgary?", "shop", shop)
     traces, times = run_chain(model, tok, [ex], values=True, generate_fn=fake, progress=False)
-    assert traces[0].values == "customer.city = 'Calgary'" and "values" in times
+    assert traces[0].values == "'Calgary' (customer.city)" and "values" in times
     assert {t for t, shown in seen if shown} == {"sl", "ts"} and not any(s for t, s in seen if t in ("nc", "cw"))
     assert "city" in re.sub(r"\s+", " ", traces[0].pruned_schema)  # the value's column stays in the pruned schema
     plain, _ = run_chain(model, tok, [ex], generate_fn=fake, progress=False)

@@ -35,13 +35,16 @@ def main(argv=None):
     args, ds = traces_and_split(argv)
     if len(args.traces) != 2:
         sys.exit("give exactly two traces: A (the reference) and B (the change)")
-    (rows_a, _), (rows_b, _) = (read_traces(p, len(ds.examples)) for p in args.traces)
+    (rows_a, sum_a), (rows_b, sum_b) = (read_traces(p, len(ds.examples)) for p in args.traces)
+    plain = not sum_a.get("steps") and not sum_b.get("steps")  # --steps none: the TS answer is plain TS
     print(f"A = {args.traces[0]}\nB = {args.traces[1]}\n{len(ds.examples)} questions of {ds.name}")
     print(f"{'step':10}{'A':>7}{'B':>7}{'B - A':>8}   {'95% interval':16}{'only A':>7}{'only B':>7}{'p':>8}")
+    shown = None
     for name, key in FIELDS:
         pa, pb = step_preds(rows_a, key), step_preds(rows_b, key)
-        if pa is None or pb is None:
+        if pa is None or pb is None or (pa, pb) == shown:  # a step that ran on neither side answers as before
             continue
+        shown, name = (pa, pb), "plain TS" if plain and key == "ts_sql" else name
         a, b = (np.array([r.correct for r in evaluate(p, ds.examples).results]) for p in (pa, pb))
         r = paired(a, b)
         print(f"{name:10}{r['a']:>7.1f}{r['b']:>7.1f}{r['diff']:>+8.1f}   [{r['lo']:+5.1f}, {r['hi']:+5.1f}]    "

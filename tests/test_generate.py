@@ -197,7 +197,7 @@ def test_tensor_slot_decode_equals_int_slot(engine):
     with torch.no_grad():
         a = model.hidden(nxt, pos, caches[0].valid[:, None, None, :T + 1], caches[0], start=T)
         b = model.hidden(nxt, pos, caches[1].valid[:, None, None, :], caches[1], slot=torch.tensor([T]))
-    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)  # fp32: the sum runs over 8 more (masked) slots
     torch.testing.assert_close(caches[1].k[0], caches[0].k[0], rtol=0, atol=0)
 
 

@@ -41,9 +41,6 @@ def parse_args(argv=None):
                     help="no schema-based repair of failing SQL (plain text-to-SQL never repairs)")
     ap.add_argument("--values", action="store_true",
                     help="show SL and TS the database's cells that the question mentions (route/values.py)")
-    ap.add_argument("--demos", default=None, metavar="SOURCE",
-                    help="show TS the most similar solved questions of other databases: a Spider root (its "
-                    "training files) or a JSON list of question/query pairs (route/demos.py)")
     ap.add_argument("--data", default=None, help="dataset root in Spider or BIRD layout (default: data/demo)")
     ap.add_argument("--split", default="dev", help="split name or JSON file within --data")
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
@@ -95,7 +92,6 @@ def load_engine(args):
 def main(argv=None):
     args = parse_args(argv)
     from route.evaluate import evaluate
-    from route.demos import load_pool
     from route.mcp import STEPS, run_chain
 
     if args.steps is not None:
@@ -115,11 +111,9 @@ def main(argv=None):
     samples = args.samples if args.samples is not None else SAMPLES if steps else 0
     chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=samples,
                     temperature=args.temperature, seed=args.seed, repair=not args.no_repair and bool(steps),
-                    batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse, values=args.values,
-                    demos=load_pool(args.demos) if args.demos else None)
+                    batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse, values=args.values)
     print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "
-          f"{'few-shot' if fewshot else 'zero-shot'} prompts" + (", value linking" if args.values else "")
-          + (f", solved questions from {args.demos}" if args.demos else ""))
+          f"{'few-shot' if fewshot else 'zero-shot'} prompts" + (", value linking" if args.values else ""))
     if session:
         from route.session import run_session
         return run_session(chain, args.db, show_steps=args.explain)

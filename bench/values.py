@@ -21,8 +21,7 @@ from sqlglot import exp  # noqa: E402
 from route.database import open_database  # noqa: E402
 from route.datasets import load_dataset  # noqa: E402
 from route.sql import parse  # noqa: E402
-from route.demos import name_words  # noqa: E402
-from route.values import ValueLinker, build_index  # noqa: E402
+from route.values import ValueLinker, build_index, name_words  # noqa: E402
 
 
 def literals(sql: str) -> list[tuple[str, bool]]:

@@ -50,18 +50,15 @@ class Trace:
     error: str | None = None
     rows: list = field(default_factory=list)
     values: str = ""    # the database cells the question mentions, as SL and TS saw them (values.py)
-    demos: str = ""     # the solved questions TS saw (demos.py)
 
 
 def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0, temperature: float = 0.8,
               seed: int = 0, repair: bool = True, batch_tokens: int = 65536, reuse_prefix: bool = True,
-              progress: bool = True, values: bool = False, demos=None,
-              generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
+              progress: bool = True, values: bool = False, generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
     """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
     samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
     question (temperature, seed) for the vote. values: show SL and TS the database cells each question mentions
-    (values.py). demos: a demos.DemoPool whose nearest solved questions TS sees. generate_fn stands in for
-    generate() in tests."""
+    (values.py). generate_fn stands in for generate() in tests."""
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
@@ -69,8 +66,6 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
                    dict(batch_tokens=batch_tokens, reuse_prefix=reuse_prefix, progress=progress))
     if values:
         chain.link_values()
-    if demos is not None:
-        chain.find_demos(demos)
     if "sl" in steps:
         chain.link_schema()
     chain.write_sql(samples, temperature, seed)
@@ -112,7 +107,7 @@ class _Chain:
         """Example i's prompt for `task` on its full schema."""
         e, schema = self.examples[i], self.schemas[self.dbs[i].path]
         return prompts.build(self.tok, task, schema, e.question, e.evidence, self.fewshot,
-                             values=self.traces[i].values, demos=self.traces[i].demos, **kw)
+                             values=self.traces[i].values, **kw)
 
     def run(self, i, sql):
         """(sql, its execution), repaired from the schema first if it fails and a repair runs."""
@@ -131,15 +126,6 @@ class _Chain:
             matches = linker(db).match(e.question)
             tr.values, self.value_columns[i] = describe(matches), [(t, c) for t, c, _ in matches]
         self.times["values"] = time.perf_counter() - t0
-
-    def find_demos(self, pool):
-        """0. The solved questions most like each question's skeleton, on other databases (demos.py)."""
-        from .demos import describe, name_words
-        t0 = time.perf_counter()
-        for db, e, tr in zip(self.dbs, self.examples, self.traces):
-            names = name_words([t.name for t in db.tables] + [c.name for t in db.tables for c in t.columns])
-            tr.demos = describe(pool.similar(e.question, names, e.db_id))
-        self.times["demos"] = time.perf_counter() - t0
 
     def link_schema(self):
         """1. The SL answers, and the pre-SQL (a TS prompt on the full schema), share the full-schema prefix
@@ -167,8 +153,7 @@ class _Chain:
         items = []
         for i, (e, tr) in enumerate(zip(self.examples, self.traces)):
             if tr.pruned_schema:
-                prompt = prompts.build(self.tok, "ts", tr.pruned_schema, e.question, e.evidence, values=tr.values,
-                                       demos=tr.demos)
+                prompt = prompts.build(self.tok, "ts", tr.pruned_schema, e.question, e.evidence, values=tr.values)
                 ids = [t for part in self.tok.encode_parts([prompt])[0] for t in part]
                 items.append((i, (ids[:-1], ids[-1:])))
             else:

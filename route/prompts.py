@@ -89,13 +89,10 @@ def describe_execution(result) -> str:
 
 
 def messages(task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False, sql: str = "",
-             execution: str = "", partial: str = "", values: str = "", demos: str = "") -> tuple[list[dict], str]:
+             execution: str = "", partial: str = "", values: str = "") -> tuple[list[dict], str]:
     """The chat messages of one task prompt, and the text that opens the assistant's answer. `values`: the
-    database cells the question mentions (values.describe), shown to SL and TS; `demos`: solved questions on
-    other databases (demos.describe), shown to TS before the question."""
+    database cells the question mentions (values.describe), shown to SL and TS."""
     inputs = f"### Question: {question.strip()}" + (f"\n### Hint: {evidence.strip()}" if evidence else "")
-    if demos and task == "ts":
-        inputs = f"### Solved questions on other databases:\n{demos}\n\n{inputs}"
     if values and task in ("sl", "ts"):
         inputs += f"\n### Values in the database that the question mentions:\n{values}"
     if task == "nc":

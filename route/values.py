@@ -84,6 +84,15 @@ def load_index(db, home: Path | None = None) -> dict:
 _NAMES = re.compile(r"\"([^\"]+)\"|(?<!\w)'([^']+)'(?!\w)|“([^”]+)”|(?<=[\w,;:)] )([A-Z][\w.-]*)")
 
 
+def name_words(names) -> set[str]:
+    """The lower-case words of table and column names: "Home_Town" and "homeTown" -> home, town (+ plurals)."""
+    out = set()
+    for name in names:
+        for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", name):
+            out |= {w.lower(), w.lower() + "s", w.lower() + "es"}
+    return out
+
+
 def _deletes(word: str) -> set[str]:
     return {word[:i] + word[i + 1:] for i in range(len(word))}
 
@@ -170,7 +179,6 @@ def linker(db) -> "ValueLinker":
     if key not in _LINKERS:
         if len(_LINKERS) >= 64:  # a bound, for a process that visits many databases
             _LINKERS.clear()
-        from .demos import name_words
         _LINKERS[key] = ValueLinker(load_index(db), name_words([t.name for t in db.tables]
                                                                + [c.name for t in db.tables for c in t.columns]))
     return _LINKERS[key]

@@ -123,7 +123,8 @@ def _files_and_db_dirs(root: Path, kind: str, split: str) -> tuple[list[Path], l
         return [path], db_dirs
     if kind == "spider":
         files = {"train": [root / "train_spider.json", root / "train_others.json"],
-                 "val": [root / "train_spider.json"], "val2": [root / "train_spider.json"]}.get(split, [root / f"{split}.json"])
+                 "val": [root / "train_spider.json"],
+                 "val2": [root / "train_spider.json"]}.get(split, [root / f"{split}.json"])
         db_dirs = [root / "test_database", root / "database"] if split == "test" else [root / "database"]
         return files, db_dirs
     return [root / f"{split}.json"], [root / f"{split}_databases"]
@@ -132,7 +133,8 @@ def _files_and_db_dirs(root: Path, kind: str, split: str) -> tuple[list[Path], l
 def load_dataset(root: str | Path, split: str = "dev") -> Dataset:
     """Examples of a Spider or BIRD split. `split` is a name ("dev", "train", "test"; Spider's train is
     train_spider.json + train_others.json; "val" and "val2" are this project's validation checks, the questions
-    of VALIDATION_DBS and VALIDATION_DBS_2 in train_spider.json) or a JSON file in the official format (e.g. dev_sample.json)."""
+    of VALIDATION_DBS and VALIDATION_DBS_2 in train_spider.json) or a JSON file in the official format (e.g.
+    dev_sample.json)."""
     root = Path(root)
     kind = layout(root)
     files, db_dirs = _files_and_db_dirs(root, kind, str(split))

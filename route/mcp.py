@@ -54,7 +54,8 @@ class Trace:
 
 def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0, temperature: float = 0.8,
               seed: int = 0, repair: bool = True, batch_tokens: int = 65536, reuse_prefix: bool = True,
-              progress: bool = True, values: bool = False, generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
+              progress: bool = True, values: bool = False,
+              generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
     """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
     samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
     question (temperature, seed) for the vote. values: show SL and TS the database cells each question mentions

@@ -16,6 +16,7 @@ import re
 import sqlite3
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,7 +29,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds per query
 MAX_ROWS = 100_000  # rows fetched per query; more are cut off (ExecResult.truncated)
 MAX_BYTES = 64 << 20  # approximate size of a result, bytes; a larger one is an error
 SAMPLE_CHARS = 100  # ROUTE cuts long strings in sample rows at 100 characters
-CACHED_RESULTS = 1024  # per database
+CACHE_BYTES = 256 << 20  # results kept for reuse, all databases together (a query runs once per question)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ExecResult:
     error: str | None = None
     truncated: bool = False  # max_rows stopped the fetch; rows holds what came before
     seconds: float = 0.0
+    nbytes: int = 0  # approximate size of rows, as the byte cap counts it
 
     @property
     def ok(self) -> bool:
@@ -169,7 +171,6 @@ class Database:
         self._function_error: str | None = None  # why our own instr/replace refused, for the error message
         lock_down(self._conn, lambda: self._value_limit, self._refused)  # from here on, reading only
         self._lock = threading.Lock()
-        self._results: OrderedDict = OrderedDict()
         self._samples: dict[int, dict[str, list[tuple]]] = {}
         self._prompts: dict = {}
 
@@ -189,18 +190,15 @@ class Database:
     def execute(self, sql: str, timeout: float = DEFAULT_TIMEOUT, max_rows: int = MAX_ROWS,
                 max_bytes: int = MAX_BYTES) -> ExecResult:
         """Run one query; never raises. Errors (syntax, timeout, refused writes) come back as `error`, a
-        non-empty string. Results are cached per (sql, limits): treat the returned rows as read-only."""
-        key = (sql, timeout, max_rows, max_bytes)
+        non-empty string. Results are cached per (sql, row and byte caps), whatever the timeout (a result that
+        came back does not depend on it; a timeout is never kept): treat the returned rows as read-only."""
+        key = (self.path, sql, max_rows, max_bytes)
         with self._lock:  # one connection, one query at a time
-            if key in self._results:
-                self._results.move_to_end(key)
-                return self._results[key]
+            if (result := _RESULTS.get(key)) is not None:
+                return result
             result = self._execute(sql, timeout, max_rows, max_bytes)
-            # a timeout depends on the machine's load, and huge results would hold memory: keep neither
-            if not (result.error or "").startswith("timeout") and len(result.rows) <= 10_000:
-                self._results[key] = result
-                if len(self._results) > CACHED_RESULTS:
-                    self._results.popitem(last=False)
+            if not (result.error or "").startswith("timeout"):  # a timeout depends on the machine's load
+                _RESULTS.put(key, result)
             return result
 
     def _refused(self, message: str):
@@ -225,20 +223,20 @@ class Database:
         watch = WATCHDOG.arm(self._conn, deadline)
         try:
             try:
-                rows, columns, truncated = self._fetch(sql, deadline, max_rows, max_bytes)
+                rows, columns, truncated, size = self._fetch(sql, deadline, max_rows, max_bytes)
             except sqlite3.OperationalError as e:
                 if "decode" not in str(e):
                     raise
                 self._conn.text_factory = lambda b: b.decode("utf-8", errors="replace")  # bad UTF-8 in the data
                 try:
-                    rows, columns, truncated = self._fetch(sql, deadline, max_rows, max_bytes)
+                    rows, columns, truncated, size = self._fetch(sql, deadline, max_rows, max_bytes)
                 finally:
                     self._conn.text_factory = str
         except Exception as e:  # noqa: BLE001 - anything a query does is reported, never raised
             return ExecResult([], [], self._message(e, timeout), seconds=time.monotonic() - start)
         finally:
             WATCHDOG.disarm(watch)
-        return ExecResult(rows, columns, None, truncated, time.monotonic() - start)
+        return ExecResult(rows, columns, None, truncated, time.monotonic() - start, size)
 
     def _message(self, e: Exception, timeout: float) -> str:
         # SQLite's own words ("no such column: x") are what noise correction shows the model
@@ -264,14 +262,14 @@ class Database:
             rows, size = [], 0
             for row in cursor:  # one row at a time: the byte cap is checked before the next row is read
                 if len(rows) >= max_rows:
-                    return rows, columns, True
+                    return rows, columns, True, size
                 size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row) + 16
                 if size > max_bytes:
                     raise TooLarge(f"result too large: over {max_bytes} bytes after {len(rows)} rows")
                 rows.append(row)
                 if len(rows) % 1024 == 0 and time.monotonic() > deadline:  # Python's own time counts too
                     raise sqlite3.OperationalError("interrupted")
-            return rows, columns, False
+            return rows, columns, False, size
         finally:
             cursor.close()
 
@@ -285,7 +283,9 @@ class Database:
                 with self._lock:  # values beyond MAX_VALUE (a photo) are cut to a placeholder here, not refused
                     result = self._execute(f"SELECT {cols} FROM {quote(t.name)} LIMIT {int(k)}", DEFAULT_TIMEOUT,
                                            k, MAX_BYTES, ours=True)
-                samples[t.name] = [tuple(_cut(v) for v in row) for row in result.rows]
+                if result.error:  # the prompt leaves the table's rows out rather than show it as empty
+                    warnings.warn(f"{self.path}: no sample rows for table {t.name}: {result.error}", stacklevel=2)
+                samples[t.name] = None if result.error else [tuple(_cut(v) for v in row) for row in result.rows]
             self._samples[k] = samples
         return self._samples[k]
 
@@ -349,7 +349,7 @@ class Database:
         samples = self.sample_rows(k)
         lines = []
         for t in self.tables:
-            if t.name not in shown:
+            if t.name not in shown or samples[t.name] is None:
                 continue
             idx = [i for i, c in enumerate(t.columns) if c.name in set(shown[t.name])]
             rows = [tuple(row[i] for i in idx) for row in samples[t.name]]
@@ -357,6 +357,29 @@ class Database:
         return "\n".join(lines)
 
 
+class _ResultCache:
+    """Query results of every open database, least recently used out past CACHE_BYTES in all."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.nbytes, self.entries, self.lock = max_bytes, 0, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key not in self.entries:
+                return None
+            self.entries.move_to_end(key)
+            return self.entries[key][0]
+
+    def put(self, key, result: ExecResult):
+        cost = result.nbytes + len(str(key[1])) + 200  # an error's entry costs its SQL and some overhead
+        with self.lock:
+            if key not in self.entries and cost <= self.max_bytes // 4:
+                self.entries[key], self.nbytes = (result, cost), self.nbytes + cost
+            while self.nbytes > self.max_bytes:
+                self.nbytes -= self.entries.popitem(last=False)[1][1]
+
+
+_RESULTS = _ResultCache(CACHE_BYTES)
 _OPEN: dict[str, Database] = {}
 _OPEN_LOCK = threading.Lock()
 

@@ -3,6 +3,7 @@ import hashlib
 import re
 import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,42 @@ def test_bad_files(tmp_path):
     (tmp_path / "junk.sqlite").write_text("not a database, just text " * 100)
     with pytest.raises(ValueError, match="junk.sqlite"):
         Database(tmp_path / "junk.sqlite")
+
+
+def _shop(tmp_path) -> Path:
+    path = tmp_path / "shop.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT, photo BLOB);"
+                      "INSERT INTO item VALUES (1, 'pen', zeroblob(5000)), (2, 'ink', NULL);"
+                      "CREATE TABLE tag (item_id INTEGER, tag TEXT); INSERT INTO tag VALUES (1, 'blue');")
+    con.commit()
+    con.close()
+    return path
+
+
+def test_a_query_runs_once_whatever_its_timeout(tmp_path, monkeypatch):
+    db = Database(_shop(tmp_path))
+    runs = []
+    real = db._execute
+    monkeypatch.setattr(db, "_execute", lambda *a, **kw: runs.append(a[0]) or real(*a, **kw))
+    first = db.execute("SELECT name FROM item", timeout=10)
+    assert db.execute("SELECT name FROM item", timeout=30) is first and runs == ["SELECT name FROM item"]
+
+
+def test_result_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(database, "_RESULTS", database._ResultCache(60_000))
+    db = Database(_shop(tmp_path))
+    for i in range(200):  # each result holds a 5,000-byte blob: 200 of them would be a megabyte
+        assert db.execute(f"SELECT photo, {i} FROM item WHERE id = 1").ok
+        assert database._RESULTS.nbytes <= 60_000
+    assert 5 < len(database._RESULTS.entries) < 15
+    assert database._RESULTS.get((db.path, "SELECT photo, 199 FROM item WHERE id = 1", database.MAX_ROWS,
+                                  database.MAX_BYTES)) is not None  # the most recent stays
+
+
+def test_unreadable_sample_rows_are_left_out_not_shown_empty(tmp_path, monkeypatch):
+    monkeypatch.setattr(database, "MAX_BYTES", 1000)  # the 5,000-byte photo cannot be read for the samples
+    db = Database(_shop(tmp_path))
+    with pytest.warns(UserWarning, match="no sample rows for table item"):
+        prompt = db.schema_prompt()
+    assert "item:" not in prompt.split("Sample rows")[1] and "tag: [(1, 'blue')]" in prompt

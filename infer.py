@@ -27,6 +27,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mcp", action="store_true", help="run the full MCP chain (same as --steps sl,nc,cw)")
     ap.add_argument("--steps", default=None, help="comma-separated MCP steps among sl,nc,cw; 'none' = plain TS")
+    ap.add_argument("--fast", action="store_true", help="plain text-to-SQL, repaired where it fails: one model "
+                    "call per question, for slow machines (what it costs in accuracy: README)")
     ap.add_argument("--model", default=None, help="HF-format directory or .gguf file (default: Qwen2.5-Coder-0.5B)")
     ap.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format); e.g. "
                     "adapters/qwen2.5-coder-0.5b-route, MSFT for the default model (opt-in: see its card)")
@@ -89,15 +91,29 @@ def load_engine(args):
     return model, tok, adapter is not None
 
 
+def check_args(args):
+    """Every option checked before anything is loaded or fetched."""
+    from route.mcp import STEPS, check_steps
+
+    if args.fast and (args.mcp or args.steps):
+        sys.exit("error: --fast is plain text-to-SQL: it goes with neither --mcp nor --steps")
+    steps = tuple(s for s in args.steps.split(",") if s and s != "none") if args.steps else STEPS if args.mcp else ()
+    check_steps(steps)
+    for name, least in (("samples", 0), ("limit", 1), ("batch_tokens", 1)):
+        if (v := getattr(args, name)) is not None and v < least:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least {least}")
+    if args.temperature <= 0:
+        sys.exit("error: --temperature must be positive (the samples are drawn at it)")
+    return steps
+
+
 def main(argv=None):
     args = parse_args(argv)
+    steps = check_args(args)
     from route.evaluate import evaluate
-    from route.mcp import STEPS, run_chain
+    from route.generate import PrefixCache
+    from route.mcp import run_chain
 
-    if args.steps is not None:
-        steps = tuple(s for s in args.steps.split(",") if s and s != "none")
-    else:
-        steps = STEPS if args.mcp else ()
     session = args.db is not None and args.question is None  # --db alone: questions from the terminal
     if session:
         from route.datasets import load_sqlite
@@ -110,13 +126,14 @@ def main(argv=None):
     # plain text-to-SQL (--steps none) is the model's greedy answer as written: no samples, no repair
     samples = args.samples if args.samples is not None else SAMPLES if steps else 0
     chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=samples,
-                    temperature=args.temperature, seed=args.seed, repair=not args.no_repair and bool(steps),
+                    temperature=args.temperature, seed=args.seed,
+                    repair=not args.no_repair and (bool(steps) or args.fast),
                     batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse, values=args.values)
     print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "
           f"{'few-shot' if fewshot else 'zero-shot'} prompts" + (", value linking" if args.values else ""))
-    if session:
+    if session:  # the schema's KV cache outlives each question
         from route.session import run_session
-        return run_session(chain, args.db, show_steps=args.explain)
+        return run_session(partial(chain, prefix_cache=PrefixCache()), args.db, show_steps=args.explain)
 
     t0 = time.perf_counter()
     traces, times = chain(ds.examples)

@@ -198,7 +198,7 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
     st.prompt_tokens = sum(r.n_prefix + len(r.rest) for r in rows)
     cache = prefix_cache if prefix_cache is not None else PrefixCache()
     batches = _plan_batches(rows, max_new_tokens, batch_tokens, max_batch)
-    bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt")
+    bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt", leave=False)
     for batch in batches:
         _run_batch(model, tok, batch, cache, sampling, st, cuda_graphs and device.type == "cuda")
         bar.update(len(batch))

@@ -8,9 +8,11 @@ Each step runs batched across all the questions through generate():
          KV cache). Every candidate (TS, samples, pre-SQL) that fails is repaired where the repair is
          unambiguous (repair.py), then they vote by execution result (vote.py).
   3. NC  noise correction, where the candidates disagree: the model sees the SQL and its execution result (or
-         error) and says `correct` or gives a fix, accepted only if it runs.
-  4. CW  continuation writing: SQL that fails, or joins three or more tables, is rewritten from `SELECT`;
-         the completion is accepted only if it executes and returns rows.
+         error) and says `correct` or gives a fix.
+  4. CW  continuation writing: SQL that fails, or joins three or more tables, is rewritten from `SELECT`.
+A fix must earn its place: an NC fix or a CW completion joins the vote, and replaces the answer only if it
+runs (CW: with rows) and its result wins that vote. A new result no candidate shares loses to the greedy answer;
+a fix that sides with other candidates, or the only query that runs, wins.
 NC and CW see the full schema: robust to pruning mistakes, and free, as its prefix is in the KV cache already.
 """
 import time
@@ -21,12 +23,12 @@ from .database import open_database
 from .generate import PrefixCache, generate
 from .repair import repair as repair_sql
 from .sql import count_tables, used_schema
-from .vote import Candidate, vote
+from .vote import Candidate, same_result, vote
 
 STEPS = ("sl", "nc", "cw")
 MAX_NEW_TOKENS = {"sl": 128, "ts": 256, "nc": 256, "cw": 256}  # per task
-SAMPLE_ROWS = 3  # per table in the schema prompt: the default of training data (msft.py)
 TIMEOUT = 10.0   # seconds per query run
+TS_CHUNK_TOKENS = 32768  # prompt tokens of the questions whose TS prompts (greedy, then samples) share one cache
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Trace:
     cw_answer: str = ""
     cw: str = ""        # "used", "rejected" or "" (not triggered)
     sql: str = ""       # the final SQL
+    agree: tuple = ()   # (candidates whose result is the answer's, candidates): (2, 4) is an answer to doubt
     error: str | None = None
     rows: list = field(default_factory=list)
     values: str = ""    # the database cells the question mentions, as SL and TS saw them (values.py)
@@ -54,16 +57,15 @@ class Trace:
 
 def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0, temperature: float = 0.8,
               seed: int = 0, repair: bool = True, batch_tokens: int = 65536, reuse_prefix: bool = True,
-              progress: bool = True, values: bool = False,
+              progress: bool = True, values: bool = False, prefix_cache: PrefixCache | None = None,
               generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
     """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
     samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
     question (temperature, seed) for the vote. values: show SL and TS the database cells each question mentions
-    (values.py). generate_fn stands in for generate() in tests."""
-    unknown = set(steps) - set(STEPS)
-    if unknown:
-        raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
-    chain = _Chain(model, tok, examples, fewshot, repair, generate_fn,
+    (values.py). prefix_cache: keep the schema prompts' KV across calls (a session). generate_fn stands in for
+    generate() in tests."""
+    check_steps(steps)
+    chain = _Chain(model, tok, examples, fewshot, repair, generate_fn, prefix_cache or PrefixCache(),
                    dict(batch_tokens=batch_tokens, reuse_prefix=reuse_prefix, progress=progress))
     if values:
         chain.link_values()
@@ -77,19 +79,28 @@ def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: 
     for i, tr in enumerate(chain.traces):  # the answer: the final SQL (repaired if it fails) and its first rows
         tr.sql, res = chain.run(i, tr.sql)
         tr.error, tr.rows = res.error, [list(r) for r in res.rows[:20]]
+        if res.error is None and chain.cands[i]:  # how many candidates share the answer's result
+            answer = Candidate(tr.sql, "answer", None, res.rows)
+            tr.agree = (sum(c.error is None and same_result(answer, c) for c in chain.cands[i]), len(chain.cands[i]))
     return chain.traces, chain.times
+
+
+def check_steps(steps):
+    if unknown := set(steps) - set(STEPS):
+        raise ValueError(f"unknown MCP steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
 
 
 class _Chain:
     """One run of the chain over a list of examples: its databases, prompts, traces and times per step."""
 
-    def __init__(self, model, tok, examples, fewshot, repair, generate_fn, generate_kw):
+    def __init__(self, model, tok, examples, fewshot, repair, generate_fn, cache, generate_kw):
         self.model, self.tok, self.examples, self.fewshot, self.repair = model, tok, examples, fewshot, repair
         self.generate_fn, self.generate_kw = generate_fn, generate_kw
-        self.cache, self.times, self.value_columns = PrefixCache(), {}, {}
+        self.cache, self.times, self.value_matches = cache, {}, {}
         self.dbs = [open_database(e.db_path) for e in examples]
-        self.schemas = {db.path: db.schema_prompt(sample_rows=SAMPLE_ROWS) for db in self.dbs}
+        self.schemas = {db.path: db.schema_prompt() for db in self.dbs}
         self.traces = [Trace(e.question, e.db_id) for e in examples]
+        self.cands: list[list[Candidate]] = [[] for _ in examples]  # what voted, with results (vote.Candidate)
 
     def ask(self, task, items, step=None, prefix_cache=None, **kw):
         """The answers to one task's prompts, items (index, prompt parts), timed as `step` (the task unless
@@ -124,9 +135,16 @@ class _Chain:
         from .values import describe, linker
         t0 = time.perf_counter()
         for i, (db, e, tr) in enumerate(zip(self.dbs, self.examples, self.traces)):
-            matches = linker(db).match(e.question)
-            tr.values, self.value_columns[i] = describe(matches), [(t, c) for t, c, _ in matches]
+            self.value_matches[i] = linker(db).match(e.question)
+            tr.values = describe(self.value_matches[i])
         self.times["values"] = time.perf_counter() - t0
+
+    def join_vote(self, i, sql, source) -> tuple[bool, str]:
+        """A fix joins question i's vote: (whether its result wins, the fix as run, repaired if it failed)."""
+        sql, res = self.run(i, sql)
+        c = Candidate(sql, source, res.error, res.rows)
+        self.cands[i].append(c)
+        return res.error is None and self.cands[i][vote(self.cands[i])].group == c.group, sql
 
     def link_schema(self):
         """1. The SL answers, and the pre-SQL (a TS prompt on the full schema), share the full-schema prefix
@@ -141,16 +159,18 @@ class _Chain:
                       for t, cols in prompts.parse_links(tr.sl_answer, db).items()}
             for t, cols in used_schema(tr.pre_sql, db).items():
                 linked.setdefault(t, set()).update(cols)
-            for t, c in self.value_columns.get(i, ()):  # a value shown keeps its column in the pruned schema
+            for t, c, _ in self.value_matches.get(i, ()):  # a value shown keeps its column in the pruned schema
                 linked.setdefault(t, set()).add(c)
             tr.linked = linked
             if linked:
-                tr.pruned_schema = db.schema_prompt(keep=linked, sample_rows=SAMPLE_ROWS)
+                tr.pruned_schema = db.schema_prompt(keep=linked)
 
     def write_sql(self, samples: int, temperature: float, seed: int):
         """2. Text-to-SQL, on the pruned schema where there is one, then the vote. A pruned prompt is unique to
         its question: it goes as token ids (encoded part by part, as in training), all but its last token one
-        cache level that the greedy answer and the samples share, in a cache that dies with this step."""
+        cache level that the greedy answer and the samples share. Questions go in chunks of TS_CHUNK_TOKENS
+        whose cache dies with the chunk: one cache for all, bounded, would drop each prefix (least recently
+        used) just before the samples pass needs it again."""
         items = []
         for i, (e, tr) in enumerate(zip(self.examples, self.traces)):
             if tr.pruned_schema:
@@ -159,34 +179,48 @@ class _Chain:
                 items.append((i, (ids[:-1], ids[-1:])))
             else:
                 items.append((i, self.full("ts", i)))
-        ts_cache = PrefixCache(max_bytes=1 << 30)
-        for (i, _), out in zip(items, self.ask("ts", items, prefix_cache=ts_cache)):
-            self.traces[i].ts_sql = prompts.parse_sql(out)
-        sampled = self.ask("ts", [it for it in items for _ in range(samples)], step="samples",
-                           prefix_cache=ts_cache, temperature=temperature, seed=seed)
-        del ts_cache
-        for k, (i, _) in enumerate(items):
-            tr = self.traces[i]
-            cands = [Candidate(tr.ts_sql, "ts")] + ([Candidate(tr.pre_sql, "pre-sql")] if tr.pre_sql else []) + \
-                [Candidate(prompts.parse_sql(sampled[k * samples + j]), f"sample {j + 1}") for j in range(samples)]
-            written = [c.sql for c in cands]
-            for c in cands:
-                sql, res = self.run(i, c.sql)
-                c.source += "+repair" if sql != c.sql else ""
-                c.sql, c.error, c.rows = sql, res.error, res.rows
-            tr.sql = tr.vote_sql = cands[vote(cands)].sql
-            tr.candidates = [{"sql": c.sql, "written": w, "source": c.source, "error": c.error, "group": c.group}
-                             for c, w in zip(cands, written)]
+        chunks, size = [[]], 0
+        for it in items:
+            n = len(it[1][0]) if isinstance(it[1][0], list) else 0  # a full-schema prompt shares self.cache
+            if chunks[-1] and size + n > TS_CHUNK_TOKENS:
+                chunks, size = chunks + [[]], 0
+            chunks[-1].append(it)
+            size += n
+        for chunk in chunks:
+            ts_cache = PrefixCache(max_bytes=1 << 62)
+            for (i, _), out in zip(chunk, self.ask("ts", chunk, prefix_cache=ts_cache)):
+                self.traces[i].ts_sql = prompts.parse_sql(out)
+            sampled = self.ask("ts", [it for it in chunk for _ in range(samples)], step="samples",
+                               prefix_cache=ts_cache, temperature=temperature, seed=seed)
+            for k, (i, _) in enumerate(chunk):
+                self.vote(i, [prompts.parse_sql(sampled[k * samples + j]) for j in range(samples)])
+
+    def vote(self, i, sampled: list[str]):
+        tr = self.traces[i]
+        cands = [Candidate(tr.ts_sql, "ts")] + ([Candidate(tr.pre_sql, "pre-sql")] if tr.pre_sql else []) + \
+            [Candidate(sql, f"sample {j + 1}") for j, sql in enumerate(sampled)]
+        written = [c.sql for c in cands]
+        for c in cands:
+            sql, res = self.run(i, c.sql)
+            c.source += "+repair" if sql != c.sql else ""
+            c.sql, c.error, c.rows = sql, res.error, res.rows
+        tr.sql = tr.vote_sql = cands[vote(cands)].sql
+        tr.candidates = [{"sql": c.sql, "written": w, "source": c.source, "error": c.error, "group": c.group}
+                         for c, w in zip(cands, written)]
+        self.cands[i] = cands
+
+    def agreed(self, i) -> bool:
+        """Two or more candidates ran and all returned one result: NC and CW have little to add."""
+        groups = [c.group for c in self.cands[i] if c.error is None]
+        return len(groups) >= 2 and len(set(groups)) == 1
 
     def correct_noise(self):
-        """3. Noise correction with execution feedback, where the candidates disagree: when two or more ran
-        and all returned one result, NC has little to add (on the validation split it fixed 1 of 187 such
-        answers) and skipping it saves most of the step's time."""
+        """3. Noise correction with execution feedback, where the candidates disagree (where they agreed, NC
+        fixed 1 of 187 answers on the validation split: skipping them saves most of the step's time)."""
         todo = []
         for i, tr in enumerate(self.traces):
             tr.nc, tr.nc_sql = "skipped: candidates agree", tr.sql
-            groups = [c["group"] for c in tr.candidates if c["error"] is None]  # of the candidates that ran
-            if len(groups) < 2 or len(set(groups)) > 1:
+            if not self.agreed(i):
                 todo.append(i)
         items = [(i, self.full("nc", i, sql=self.traces[i].sql, execution=prompts.describe_execution(
             self.dbs[i].execute(self.traces[i].sql, timeout=TIMEOUT)))) for i in todo]
@@ -197,23 +231,22 @@ class _Chain:
             if ok:
                 tr.nc = "correct"
             elif fix and fix.strip() != tr.sql.strip():
-                fix, res = self.run(i, fix)
-                tr.nc, tr.sql = ("fixed", fix) if res.error is None else ("fix rejected", tr.sql)
+                won, fix = self.join_vote(i, fix, "nc")
+                tr.nc, tr.sql = ("fixed", fix) if won else ("fix rejected", tr.sql)
             else:
                 tr.nc = "kept"
             tr.nc_sql = tr.sql
 
     def continue_writing(self):
-        """4. Continuation writing for SQL that fails or is complex (3+ tables), accepted if it returns rows."""
+        """4. Continuation writing for SQL that fails, or is complex (3+ tables) where the candidates disagree;
+        the completion must return rows and win the vote."""
         todo = [i for i, (db, tr) in enumerate(zip(self.dbs, self.traces))
-                if db.execute(tr.sql, timeout=TIMEOUT).error is not None or count_tables(tr.sql) >= 3]
+                if db.execute(tr.sql, timeout=TIMEOUT).error is not None
+                or count_tables(tr.sql) >= 3 and not self.agreed(i)]
         # "SELECT" without its space: training cuts queries at token boundaries the same way (msft.py)
         items = [(i, self.full("cw", i, partial="SELECT")) for i in todo]
         for (i, _), out in zip(items, self.ask("cw", items)):
             tr = self.traces[i]
             tr.cw_answer = out
-            sql, res = self.run(i, prompts.parse_sql(out, partial="SELECT"))
-            if res.error is None and res.rows:
-                tr.cw, tr.sql = "used", sql
-            else:
-                tr.cw = "rejected"
+            won, sql = self.join_vote(i, prompts.parse_sql(out, partial="SELECT"), "cw")
+            tr.cw, tr.sql = ("used", sql) if won and self.cands[i][-1].rows else ("rejected", tr.sql)

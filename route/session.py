@@ -12,6 +12,7 @@ import time
 
 from .database import open_database
 from .datasets import load_sqlite
+from .mcp import TIMEOUT
 
 SHOW_ROWS = 10
 MAX_WIDTH = 40  # a cell wider than this is cut: one long text column must not push the others off screen
@@ -46,6 +47,7 @@ def explain(t) -> str:
     steps = [("SL answer", t.sl_answer),
              ("linked", ", ".join(f"{table}({', '.join(sorted(c))})" for table, c in t.linked.items())),
              ("pre-SQL", t.pre_sql), ("TS", t.ts_sql),
+             ("votes", "; ".join(f"{c['source']}: {c['error'] or 'group %d' % c['group']}" for c in t.candidates)),
              ("NC", " -> ".join(x for x in (t.nc, t.nc_sql) if x) if t.nc else ""),
              ("CW", " -> ".join(x for x in (t.cw, t.cw_answer) if x) if t.cw else "")]
     shown = [(k, " ".join(str(v).split())) for k, v in steps if v]
@@ -54,17 +56,22 @@ def explain(t) -> str:
     return "  steps:\n" + "\n".join(f"    {k:<10} {v}" for k, v in shown)
 
 
-def answer(chain, db_path, question: str, show_steps: bool, out):
-    """Run one question through `chain` and print what it gave; returns its trace."""
+def answer(chain, db_path, question: str, show_steps: bool, out, progress: bool = False):
+    """Run one question through `chain` and print what it gave; returns its trace. progress: each step's
+    progress bar on stderr while it runs."""
     t0 = time.perf_counter()
-    traces, _ = chain(load_sqlite(db_path, question).examples, progress=False)
+    traces, _ = chain(load_sqlite(db_path, question).examples, progress=progress)
     seconds, tr = time.perf_counter() - t0, traces[0]
     print(f"SQL: {tr.sql or '(none)'}", file=out)
-    res = open_database(db_path).execute(tr.sql) if tr.sql else None  # cached: the chain ran it already
+    # the chain ran the final SQL already, with the same timeout: this is the cached result, not a second run
+    res = open_database(db_path).execute(tr.sql, timeout=TIMEOUT) if tr.sql and not tr.error else None
     if res is None or res.error:
-        print(f"error: {res.error if res else 'the model wrote no SQL'}", file=out)
+        print(f"error: {res.error if res else tr.error or 'the model wrote no SQL'}", file=out)
     else:
         print(format_table(res.columns, res.rows, truncated=res.truncated), file=out)
+    if tr.agree and tr.agree[0] < tr.agree[1]:
+        print(f"note: only {tr.agree[0]} of {tr.agree[1]} candidate queries return this result: check it "
+              "(.explain shows them)", file=out)
     print(f"({seconds:.1f} s)", file=out)
     if show_steps:
         print(explain(tr), file=out)
@@ -104,7 +111,7 @@ def run_session(chain, db_path, show_steps: bool = False, stdin=None, out=None) 
             if q == ".explain":
                 print(explain(last) if last else "no question answered yet", file=out)
                 continue
-            last = answer(chain, db_path, q, show_steps, out)
+            last = answer(chain, db_path, q, show_steps, out, progress=out is sys.stdout and sys.stderr.isatty())
             print(file=out, flush=True)
     except (KeyboardInterrupt, EOFError):  # Ctrl-C anywhere, Ctrl-D at input()
         print(file=out)

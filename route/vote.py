@@ -28,9 +28,7 @@ def vote(cands: list[Candidate]) -> int:
         if c.error is not None:
             continue
         for g, members in enumerate(groups):
-            first = cands[members[0]]
-            ordered = order_matters(c.sql) and order_matters(first.sql)
-            if results_match(c.rows, first.rows, ordered):
+            if same_result(c, cands[members[0]]):
                 members.append(i)
                 c.group = g
                 break
@@ -40,3 +38,8 @@ def vote(cands: list[Candidate]) -> int:
     if not groups:
         return 0
     return max(groups, key=len)[0]  # max() keeps the first of equal sizes: the earliest candidate's group
+
+
+def same_result(a: Candidate, b: Candidate) -> bool:
+    """Whether two queries that ran returned equal results (in order only where both ask for one)."""
+    return results_match(a.rows, b.rows, order_matters(a.sql) and order_matters(b.sql))

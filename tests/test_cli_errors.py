@@ -156,3 +156,18 @@ def test_ctrl_c_exits_130_without_traceback(db, tmp_path):
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=60)
     assert child.returncode == 130 and err.strip() == "interrupted", err
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--steps", "sl,xx"], "unknown MCP steps ['xx']"), (["--samples", "-1"], "--samples"),
+    (["--temperature", "0"], "--temperature"), (["--fast", "--mcp"], "--fast")])
+def test_infer_checks_every_option_before_loading_a_model(tmp_path, args, culprit):
+    # the model does not exist: had it been resolved first, its error would come instead
+    assert_one_line(run(["infer.py", "--model", str(tmp_path / "no-model"), *args], tmp_path), culprit)
+
+
+def test_every_entry_point_ends_in_one_line(tmp_path):
+    assert_one_line(run(["-m", "route.export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                        tmp_path), "adapter_config.json")
+    assert_one_line(run(["-m", "route.msft", "--data", str(tmp_path / "no-spider"), "--out", str(tmp_path / "o")],
+                        tmp_path), "no-spider")

@@ -39,14 +39,22 @@ SCRIPT = {
         "sl": '{"singer": ["name"], "country": ["name"]}',
         "ts": "SELECT T1.name FROM singer AS T1 JOIN country AS T2 ON T1.country_id = T2.id "
               "WHERE T2.name = 'France'", "nc": "correct"},
-    "Who is the oldest singer?": {  # NC's fix executes: accepted
+    "Who is the oldest singer?": {  # NC's fix runs and sides with the pre-SQL: it wins the vote, accepted
         "sl": "not json at all, but singer is mentioned", "ts": "SELECT name FROM singer ORDER BY age",
+        "pre-sql": "SELECT name FROM singer ORDER BY age DESC LIMIT 1",
         "nc": "wrong\n```sql\nSELECT name FROM singer ORDER BY age DESC LIMIT 1\n```"},
-    "Which concerts had singers from Peru?": {  # 3 tables: CW is asked; its empty-result answer is rejected
+    "What is the singers' average age?": {  # NC's fix runs, but its result is new: it loses to TS, rejected
+        "sl": '{"singer": ["age"]}', "ts": "SELECT avg(age) FROM singer",
+        "nc": "wrong\n```sql\nSELECT max(age) FROM singer\n```"},
+    "Which concerts had singers from France?": {  # 3 tables: CW is asked; its empty result is rejected
         "sl": '{"concert": ["id"]}',
         "ts": "SELECT T1.id FROM concert AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id JOIN country AS T3 "
-              "ON T2.country_id = T3.id WHERE T3.name = 'Peru'",
+              "ON T2.country_id = T3.id WHERE T3.name = 'France'",
         "nc": "correct", "cw": " id FROM concert WHERE year > 3000```"},
+    "Which concerts had singers from Peru?": {  # 3 tables, but TS and the pre-SQL agree (none): CW not asked
+        "sl": '{"concert": ["id"]}',
+        "ts": "SELECT T1.id FROM concert AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id JOIN country AS T3 "
+              "ON T2.country_id = T3.id WHERE T3.name = 'Peru'", "nc": "correct", "cw": " 1```"},
 }
 TASKS = {"### Task: text-to-SQL": "ts", "### Task: schema linking": "sl", "### Task: noise correction": "nc",
          "### Task: continuation writing": "cw"}
@@ -60,10 +68,13 @@ def scripted(calls):
             task = next(t for marker, t in TASKS.items() if marker in text)
             question = re.search(r"### Question: (.*?)(?:<\|im_end\|>|\n)", text).group(1)
             calls.append((task, question, text))
-            out = SCRIPT.get(question, {}).get(task, "%% garbage {[ ```")
-            # the pre-SQL returns no rows, so it never agrees with TS: NC, which skips answers that all
-            # candidates agree on, then has its say on every question
-            outs.append(out + " LIMIT 0" if kw.get("desc") == "pre-sql" else out)
+            script = SCRIPT.get(question, {})
+            out = script.get(task, "%% garbage {[ ```")
+            # unless scripted, the pre-SQL returns no rows, so it agrees with TS only where TS returns none:
+            # NC, which skips answers that all candidates agree on, has its say on every other question
+            if kw.get("desc") == "pre-sql":
+                out = script.get("pre-sql", out + " LIMIT 0")
+            outs.append(out)
         return outs
     return fake_generate
 
@@ -93,17 +104,23 @@ def test_acceptance_rules(db_path, tiny_engine):
 
     oldest = by_q["Who is the oldest singer?"]
     assert oldest.linked.keys() == {"singer"}  # recovered from prose + the pre-SQL
-    assert oldest.nc == "fixed" and oldest.rows == [["Bo"]]
+    assert oldest.vote_sql == oldest.ts_sql  # a tie between TS and the pre-SQL goes to TS...
+    assert oldest.nc == "fixed" and oldest.rows == [["Bo"]] and oldest.agree == (2, 3)  # ...until NC sides
+
+    average = by_q["What is the singers' average age?"]
+    assert average.nc == "fix rejected" and average.sql == "SELECT avg(age) FROM singer" and average.agree == (1, 3)
 
     old = by_q["How old is each singer?"]
     assert old.ts_sql == "SELECT nme, age FROM singer" and old.candidates[0]["source"] == "ts+repair"
     assert old.sql == "SELECT name, age FROM singer" and len(old.rows) == 3
 
+    france_concerts = by_q["Which concerts had singers from France?"]
+    assert france_concerts.cw == "rejected" and france_concerts.sql.count("JOIN") == 2  # empty: not accepted
     peru = by_q["Which concerts had singers from Peru?"]
-    assert peru.cw == "rejected" and peru.sql.count("JOIN") == 2  # CW's empty result is not accepted
+    assert peru.nc.startswith("skipped") and peru.cw == "" and peru.agree == (2, 2)
 
     cw_asked = {q for task, q, _ in calls if task == "cw"}
-    assert cw_asked == {"List the singer names.", "Which concerts had singers from Peru?"}
+    assert cw_asked == {"List the singer names.", "Which concerts had singers from France?"}
     assert set(times) == {"sl", "pre-sql", "ts", "nc", "cw"}
 
 
@@ -212,3 +229,34 @@ def test_nc_skips_answers_the_candidates_agree_on(db_path, tiny_engine):
                           samples=2, generate_fn=fake, progress=False)
     assert traces[0].nc == "skipped: candidates agree" and "nc" not in asked
     assert [c["group"] for c in traces[0].candidates] == [0, 0, 0, 0] and traces[0].rows == [[3]]
+
+
+def test_each_pruned_prompt_is_prefilled_once_for_greedy_and_samples(db_path, tiny_engine, monkeypatch):
+    """Under memory pressure (a TS cache that holds one prefix), the greedy pass and the samples pass of a
+    question still share its pruned prompt's prefill: questions go in chunks whose cache dies with the chunk."""
+    from collections import Counter
+
+    from route import generate as gen, mcp
+    model, tok = tiny_engine
+    misses, default_init, default_get = Counter(), gen.PrefixCache.__init__, gen.PrefixCache.get
+
+    def small_init(self, max_bytes=4 << 30):  # the chain's own cache (default bound) is left alone
+        default_init(self, max_bytes if max_bytes == 4 << 30 else 1)
+
+    def counting_get(self, model, levels, stats):
+        if self.max_bytes == 1:
+            misses[levels] += levels not in self.entries
+        return default_get(self, model, levels, stats)
+
+    def real_ts(lm, tok, prompt_list, **kw):  # SL names the columns, so every TS prompt is pruned
+        if kw["desc"] == "sl":
+            return ['{"singer": ["name", "age"]}'] * len(prompt_list)
+        return gen.generate(lm, tok, prompt_list, **kw)
+
+    monkeypatch.setattr(gen.PrefixCache, "__init__", small_init)
+    monkeypatch.setattr(gen.PrefixCache, "get", counting_get)
+    monkeypatch.setattr(mcp, "TS_CHUNK_TOKENS", 1, raising=False)
+    monkeypatch.setitem(mcp.MAX_NEW_TOKENS, "ts", 4)  # a random model's answers: short is enough
+    examples = [Example(q, "music", db_path) for q in list(SCRIPT)[:4]]
+    run_chain(model, tok, examples, steps=("sl",), samples=2, generate_fn=real_ts, progress=False, repair=False)
+    assert len(misses) == len(examples) and set(misses.values()) == {1}  # one prefill per question, not two

@@ -94,3 +94,39 @@ def test_format_table():
     assert format_table(["n"], [], truncated=False).endswith("(0 rows)")
     assert format_table(["t"], [("x" * 100,)]).splitlines()[2] == "x" * 37 + "..."
     assert format_table(["n"], [(1,)] * 5, truncated=True).endswith("(at least 5 rows)")
+
+
+def test_a_session_keeps_the_schema_cache_runs_each_query_once_and_says_when_candidates_disagree(setup,
+                                                                                                   monkeypatch):
+    from functools import partial
+
+    from route import mcp
+    from route.database import open_database
+    from route.generate import PrefixCache, generate
+    from route.session import answer
+    from route.tokenizer import Tokenizer
+    from route.weights import load_model
+
+    model_dir, db = setup
+    model, tok = load_model(model_dir), Tokenizer.from_dir(model_dir)
+    writes = iter(["SELECT name FROM singer", "SELECT name FROM singer WHERE age > 26", "SELECT 1"] * 2)
+
+    def first_real_then_scripted(lm, tok, prompt_list, **kw):  # a real prefill fills the cache; the SQL is ours
+        generate(lm, tok, prompt_list, **{**kw, "max_new_tokens": 1})
+        return [next(writes) for _ in prompt_list]
+
+    runs = []
+    open_database(db).schema_prompt()  # its sample-row queries are not the question's
+    real = open_database(db)._execute
+    monkeypatch.setattr(open_database(db), "_execute", lambda sql, *a, **kw: runs.append(sql) or real(sql, *a, **kw))
+    cache = PrefixCache()
+    chain = partial(mcp.run_chain, model, tok, steps=(), samples=2, prefix_cache=cache,
+                    generate_fn=first_real_then_scripted)
+    out = io.StringIO()
+    tr = answer(chain, db, "Who sings?", False, out)
+    assert tr.sql == "SELECT name FROM singer" and tr.agree == (1, 3)
+    assert "only 1 of 3 candidate queries return this result" in out.getvalue()
+    assert sorted(runs) == sorted(["SELECT name FROM singer", "SELECT name FROM singer WHERE age > 26", "SELECT 1"])
+    schema_levels = set(cache.entries)
+    answer(chain, db, "Who sings again?", False, io.StringIO())
+    assert schema_levels <= set(cache.entries) and len(cache.entries) == len(schema_levels)  # reused, not redone

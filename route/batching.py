@@ -26,7 +26,7 @@ def tokenize_examples(tok, prompts: list, answers: list[str], close_turn: bool =
     """tokenize_example for many pairs at once (encode_batch uses all cores). Prompts go through encode_parts,
     as generate() encodes them; answers are encoded on their own, closed by the chat format's end-of-turn token
     so the model learns to stop."""
-    eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[tok.format] if close_turn else ""
+    eot = tok.end_of_turn if close_turn else ""
     parts = tok.encode_parts(prompts)
     ans = tok.encode_batch([a + eot for a in answers])
     out = []

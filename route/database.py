@@ -29,6 +29,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds per query
 MAX_ROWS = 100_000  # rows fetched per query; more are cut off (ExecResult.truncated)
 MAX_BYTES = 64 << 20  # approximate size of a result, bytes; a larger one is an error
 SAMPLE_CHARS = 100  # ROUTE cuts long strings in sample rows at 100 characters
+SAMPLE_ROWS = 3  # per table in every schema prompt, training (msft.py) and inference (mcp.py) alike
 CACHE_BYTES = 256 << 20  # results kept for reuse, all databases together (a query runs once per question)
 
 
@@ -289,7 +290,7 @@ class Database:
             self._samples[k] = samples
         return self._samples[k]
 
-    def schema_prompt(self, keep: dict[str, set[str]] | None = None, sample_rows: int = 3) -> str:
+    def schema_prompt(self, keep: dict[str, set[str]] | None = None, sample_rows: int = SAMPLE_ROWS) -> str:
         """The database as ROUTE's prompts show it: the DDL block, then (if sample_rows > 0) k rows per table.
 
         keep=None renders every table and column. keep={table: {columns}} renders only those (names matched

@@ -11,7 +11,6 @@ so W + alpha/r * B A is computed in fp32 and rounded once, to --dtype (default: 
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -86,14 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                     help="dtype of the written weights (default: the base model's)")
     args = ap.parse_args(argv)
-    try:
-        out = export(args.adapter, args.out, args.model, args.dtype)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"merged model written to {out}")
-    return 0
+    print(f"merged model written to {export(args.adapter, args.out, args.model, args.dtype)}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run
+    run(main)  # one line naming the culprit for a bad file, option or fetch; exit 130 on Ctrl-C

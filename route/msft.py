@@ -135,7 +135,7 @@ def _noisy_keep(keep: dict[str, set[str]], db, rng: random.Random) -> dict[str, 
     return out
 
 
-def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, nc_correct_share: float = 0.4,
+def build_examples(examples, tasks=TASKS, seed: int = 0, nc_correct_share: float = 0.4,
                    timeout: float = 5.0, model_sql: list[str] | None = None) -> tuple[list[dict], Counter]:
     """The MSFT records for `examples` (route.datasets.Example), and counts of what was made and dropped.
     model_sql[i]: SQL a model wrote for examples[i], one more NC candidate."""
@@ -148,11 +148,11 @@ def build_examples(examples, tasks=TASKS, seed: int = 0, sample_rows: int = 3, n
             counts["dropped: gold does not execute"] += 1
             continue
         tree = parse(ex.gold_sql)
-        schema = db.schema_prompt(sample_rows=sample_rows)
+        schema = db.schema_prompt()  # with database.SAMPLE_ROWS rows per table, as inference shows it
         keep = used_schema(ex.gold_sql, db)
         if "ts" in tasks:
             pruned = tree is not None and keep and rng.random() < 0.5
-            ts_schema = db.schema_prompt(keep=_noisy_keep(keep, db, rng), sample_rows=sample_rows) if pruned else schema
+            ts_schema = db.schema_prompt(keep=_noisy_keep(keep, db, rng)) if pruned else schema
             records.append(_record("ts", ex, ts_schema, ex.gold_sql))
             counts["ts (pruned schema)" if pruned else "ts"] += 1
         if "sl" in tasks:
@@ -244,18 +244,17 @@ def main(argv=None):
     ap.add_argument("--tasks", default="all", help="all, or a comma list of ts,sl,nc,cw")
     ap.add_argument("--limit", type=int, default=None, help="use only N questions (a seeded random subset)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sample-rows", type=int, default=3)
     ap.add_argument("--nc-from-model", nargs="?", const="", default=None, metavar="MODEL",
                     help="add NC candidates that a model (default: the default model) writes for the questions")
     args = ap.parse_args(argv)
     tasks = TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
     # the flag alone ("") means the default model
     gen = None if args.nc_from_model is None else (lambda exs: model_sql(args.nc_from_model or None, exs))
-    counts = build(args.data, args.out, args.split, tasks, args.seed, args.limit, nc_from_model=gen,
-                   sample_rows=args.sample_rows)
+    counts = build(args.data, args.out, args.split, tasks, args.seed, args.limit, nc_from_model=gen)
     for k in sorted(counts, key=lambda k: (k.startswith("val"), k.strip())):
         print(f"{k:48}{counts[k]:>8}")
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+    run(main)  # one line naming the culprit for a bad file or option; exit 130 on Ctrl-C

@@ -78,14 +78,19 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    @property
+    def end_of_turn(self) -> str:
+        """What closes a turn in this chat format: the end of every answer, in training and in chat()."""
+        return {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[self.format]
+
     def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation [{"role": ..., "content": ...}] the way the checkpoint's template does."""
         if self.format == "chatml":
             if self.default_system and messages and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.default_system}, *messages]
-            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}{self.end_of_turn}\n" for m in messages)
             return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
         # Llama-3: contents are trimmed by the template; BOS opens the conversation
         text = (self.bos or "") + "".join(
-            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages)
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}{self.end_of_turn}" for m in messages)
         return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")

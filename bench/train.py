@@ -11,7 +11,7 @@ its fastest settings: SDPA attention and no attention mask (plain causal attenti
 and -100 labels). The data mimic ROUTE's: long prompts (schema + rows; random tokens here), short answers.
 
 MFU convention (both sides): 4N FLOPs per token for LoRA (6N for full), N = weights of the transformer blocks
-(no embeddings, output head, attention scores or recomputation), against the peak of route.mfu.peak_flops:
+(no embeddings, output head, attention scores or recomputation), against the peak of route.hardware.peak_flops:
 a datasheet number on GPUs, a measured bf16 GEMM on CPUs. The first step of each side is warmup, not timed.
 """
 import argparse
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from route.lora import ALL_TARGETS  # noqa: E402
 from route.batching import collate, plan_steps  # noqa: E402
-from route.mfu import compute_dtype, flops_per_token, peak_flops, pick_device  # noqa: E402
+from route.hardware import compute_dtype, flops_per_token, peak_flops, pick_device  # noqa: E402
 from route.trainer import TrainConfig, prepare_model, train  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -1,14 +1,11 @@
-"""What lets a fine-tuning run (ROUTE section 3.1, MSFT) span processes and survive interruptions.
+"""What lets a fine-tuning run (ROUTE section 3.1, MSFT) survive interruptions.
 
-- Processes: under torchrun, DDP (gloo on CPU, NCCL on GPU), or FSDP2 for full fine-tuning of models whose
-  weights and optimizer state do not fit one device.
 - Checkpoints: trainable weights (fp32) + optimizer state + step, written atomically; resuming checks the
   run's metadata against the checkpoint's, or it would silently train something else.
 - Metrics (out_dir/metrics.jsonl), Ctrl-C / SIGTERM handling, and the result: out_dir/adapter (PEFT format)
   for LoRA, out_dir/model (HF format) for full fine-tuning.
 """
 import json
-import os
 import signal
 import threading
 from pathlib import Path
@@ -17,50 +14,12 @@ import torch
 import torch.distributed as dist
 
 from .files import atomic_file
+from .hub import portable_name
 from .lora import lora_modules, save_adapter
 from .model import Transformer
 from .weights import read_config, save_model
 
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.jsonl"
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; starts the process group when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size(), local) if dist.is_initialized() else (0, 1, 0)
-
-
-def sharded(tc, world: int) -> bool:
-    """FSDP (explicitly, or by default for full fine-tuning) with more than one process."""
-    return world > 1 and (tc.fsdp if tc.fsdp is not None else tc.full)
-
-
-def distribute(raw_model: Transformer, tc, world: int, device, dtype):
-    """Wrap for several processes: DDP, or FSDP2 (each block sharded, gathered block by block for compute)."""
-    if world == 1:
-        return raw_model
-    if sharded(tc, world):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in raw_model.model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(raw_model, mp_policy=mp)  # must happen before the optimizer: it swaps in sharded parameters
-        return raw_model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def sum_over_ranks(*values: float, device) -> list[float]:
-    """Each value summed over the processes, in one collective."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def _state_dicts(model, optimizer):
@@ -86,9 +45,11 @@ def start_step(out: Path, model, optimizer, meta: dict, resume: bool, rank: int,
     """The step to start at: the checkpoint's when resuming (metrics logged after it are forgotten: those steps
     run again), else 0 with a fresh metrics file."""
     metrics = out / METRICS
+    if resume and not (out / CHECKPOINT).exists():  # starting over would delete the metrics it meant to extend
+        raise FileNotFoundError(f"{out}: nothing to resume, no {CHECKPOINT} there (leave --resume out to start)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / CHECKPOINT).exists():
+    if resume:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
         diff = {k: (state["meta"].get(k), v) for k, v in meta.items() if state["meta"].get(k) != v}
@@ -142,7 +103,7 @@ def save_result(model, raw_model: Transformer, optimizer, tc, rank: int, dtype: 
     out = Path(tc.out_dir)
     if lora_modules(raw_model):
         if rank == 0:
-            save_adapter(raw_model, out / "adapter", tc.base_model, dtype=tc.adapter_dtype)
+            save_adapter(raw_model, out / "adapter", portable_name(tc.base_model), dtype=tc.adapter_dtype)
         return
     if not tc.base_model:
         raise ValueError("full fine-tuning needs TrainConfig.base_model to write the model's config.json")

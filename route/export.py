@@ -27,7 +27,7 @@ def base_for(adapter_cfg: dict, model: str | None = None) -> Path:
     named = adapter_cfg.get("base_model_name_or_path")
     if named and (Path(named).expanduser() / "config.json").is_file():
         return Path(named).expanduser()
-    return hub.resolve_model(None)
+    return hub.resolve_model(None)  # the default model, by its release name (hub.portable_name) or none
 
 
 def write_card(out: Path, base: Path, adapter: Path, adapter_cfg: dict, dtype: str, command: str):

@@ -295,10 +295,16 @@ def _sweep(parent: Path, older_than: float = 0.0):
             shutil.rmtree(p, ignore_errors=True)
 
 
+def portable_name(model_dir: str | os.PathLike) -> str:
+    """How an adapter names its base: the default model by its release name (the same on every machine, and
+    resolve_model's), any other model by its path."""
+    return DEFAULT.name if Path(model_dir).resolve() == (home() / "models" / DEFAULT.name).resolve() else str(model_dir)
+
+
 def resolve_model(arg: str | os.PathLike | None) -> Path:
-    """--model: None -> the default model; a directory -> itself (if it has config.json); a .gguf file ->
-    converted into `$ROUTE_HOME/models/` once, keyed by its sha256."""
-    if arg is None:
+    """--model: None or the default model's release name -> the default model; a directory -> itself (if it has
+    config.json); a .gguf file -> converted into `$ROUTE_HOME/models/` once, keyed by its sha256."""
+    if arg is None or (arg == DEFAULT.name and not Path(arg).exists()):
         return default_model_dir()
     path = Path(arg).expanduser()
     if path.is_dir():

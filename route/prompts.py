@@ -11,8 +11,9 @@ be shared (generate.py):
   1. system prompt + schema with sample rows: the same for every task and question on that database, which is
      why the schema comes first and the task after it;
   2. the task's instructions (with worked examples for models not tuned on these tasks);
-  3. the question, the task's inputs, and the answer's opening code fence ("```sql\n"), so that the model
-     writes only SQL and stops at the closing fence (CW's unfinished SQL follows the fence).
+  3. the question, the task's inputs, and the answer's opening: TS and CW open a ```sql fence (CW's unfinished
+     SQL follows it) and SL a ```json one, so that the model writes only the answer and stops at the closing
+     fence; NC opens nothing: its answer is a verdict ("correct") or "wrong" and a fenced fix (STOP).
 """
 import json
 import re

@@ -9,7 +9,7 @@ Every MSFT task is, to this loop, a prompt then an answer as token ids, with the
    quarter of Qwen2.5-0.5B's FLOPs and its largest activation.
 3. Clip and step: bf16 compute where fast, fp32 master weights, AdamW, warmup then cosine. Dropout is seeded
    per (step, micro-batch): results depend neither on the process count nor on interruptions.
-4. Log and save (mfu.py, checkpoint.py): metrics, held-out loss, atomic checkpoints, exact resume; Ctrl-C or
+4. Log and save (hardware.py, checkpoint.py): metrics, held-out loss, atomic checkpoints, exact resume; Ctrl-C or
    SIGTERM finishes the step, saves, then raises KeyboardInterrupt.
 """
 import math
@@ -23,10 +23,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .batching import IGNORE, Plan, collate, pack
-from .checkpoint import (CHECKPOINT, StopSignal, append_metrics, distribute, init_distributed, save_checkpoint,
-                         save_result, sharded, start_step, sum_over_ranks)
+from .checkpoint import CHECKPOINT, StopSignal, append_metrics, save_checkpoint, save_result, start_step
+from .hardware import (Progress, compute_dtype, distribute, init_distributed, pick_device, sharded,
+                       sum_over_ranks)
 from .lora import ALL_TARGETS, add_lora, lora_modules
-from .mfu import Progress, compute_dtype, pick_device
 from .model import Transformer
 from .weights import load_model
 
@@ -55,7 +55,7 @@ class TrainConfig:
     max_len: int = 8192            # longer examples are dropped (with a warning), never truncated
     seed: int = 0
     # machinery
-    dtype: str = "auto"            # auto | bf16 | fp32 (see mfu.compute_dtype)
+    dtype: str = "auto"            # auto | bf16 | fp32 (see hardware.compute_dtype)
     device: str = "auto"
     checkpointing: bool = False    # activation checkpointing: recompute each block in backward
     fsdp: bool | None = None       # FSDP2 instead of DDP; None: FSDP for full fine-tuning under torchrun
@@ -161,7 +161,7 @@ def accumulate(model, examples, micro: list[list[int]], count: int, tc: TrainCon
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], batch_tokens: int, dtype: torch.dtype, device: torch.device) -> float:
+def held_out_loss(model, examples: list[dict], batch_tokens: int, dtype: torch.dtype, device: torch.device) -> float:
     """Mean cross-entropy per answer token over `examples`, shared out over the processes; leaves `model` in
     training mode."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -205,11 +205,11 @@ def train(model: Transformer, examples: list[dict], tc: TrainConfig, eval_exampl
     optimizer = make_optimizer(trainable, tc, device)
     meta, total = plan.meta(tc, full), len(plan.steps)
     start = start_step(out, model, optimizer, meta, tc.resume, rank, log)
-    progress = Progress(raw_model, tc, plan, start, rank, device, dtype)
+    progress = Progress(raw_model, tc, plan, start, rank, world, device, dtype)
     log(_describe(meta, plan, trainable, progress, device, dtype, world))
 
     def held_out(step: int) -> float:  # the one place the held-out loss is computed and reported
-        loss = evaluate(model, plan.eval_examples, tc.batch_tokens, dtype, device)
+        loss = held_out_loss(model, plan.eval_examples, tc.batch_tokens, dtype, device)
         log(f"step {step}: held-out loss {loss:.4f}")
         return loss
 
@@ -242,8 +242,7 @@ def train(model: Transformer, examples: list[dict], tc: TrainConfig, eval_exampl
             if stops or (tc.save_every and done % tc.save_every == 0 and done < total):
                 save(done)
             if stops:
-                log(f"saved {out / CHECKPOINT} at step {done}; continue with resume")
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(f"saved {out / CHECKPOINT} at step {done}")
     if plan.eval_examples:  # the final held-out loss: a metrics row of its own, and in the last step's history
         loss = held_out(total)
         append_metrics(out, {"step": total, "eval_loss": loss}, rank)
@@ -259,4 +258,4 @@ def _describe(meta: dict, plan: Plan, trainable: list, progress: Progress, devic
             f"{plan.group} micro-batches, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
             f"{str(dtype).removeprefix('torch.')} on {device}, world size {world}; MFU counts "
             f"{'6N' if meta['full'] else '4N'} = {progress.fpt / 1e9:.2f} GFLOP per token against "
-            f"{progress.peak / 1e12:.2f} TFLOP/s ({progress.source})")
+            f"{progress.peak / 1e12:.2f} TFLOP/s per process ({progress.source})")

@@ -93,3 +93,21 @@ def test_shipped_adapter_loaded_merged_and_packed_matches_peft():
     clear = (top2[:, 0] - top2[:, 1]) > 2 * (got - want).abs().max(-1).values
     assert clear.sum() >= len(clear) // 2  # (measured: 26 of 36 positions, max error 0.44 against logits up to 30)
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_the_shipped_adapter_names_its_base_as_training_writes_it(tmp_path, monkeypatch):
+    """The adapter names the default model by its release name (hub.portable_name, what train.py writes), which
+    resolves on any machine; a local path would resolve on the one that trained it only."""
+    import json
+
+    from route import hub
+
+    monkeypatch.setenv("ROUTE_HOME", str(tmp_path))
+    default = tmp_path / "models" / hub.DEFAULT.name
+    default.mkdir(parents=True)
+    (default / "config.json").write_text("{}")
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "adapters/qwen2.5-coder-0.5b-route/adapter_config.json")
+                     .read_text())
+    assert cfg["base_model_name_or_path"] == hub.portable_name(default) == hub.DEFAULT.name
+    assert hub.resolve_model(cfg["base_model_name_or_path"]) == default
+    assert hub.portable_name(tmp_path / "other") == str(tmp_path / "other")

@@ -158,14 +158,14 @@ def test_packing_falls_back_where_the_cpu_cannot(tmp_path, monkeypatch):
 def test_inference_dtype_follows_the_hardware(tmp_path, monkeypatch):
     """dtype "auto" (infer.py's default): bf16 where the hardware multiplies it fast, else fp32 (an AVX2 CPU
     emulates bf16 about 5x slower); an explicit dtype is taken as given."""
-    import route.mfu
+    import route.hardware
     from route.generate import load_for_inference
     from tiny import write_tiny_tokenizer
 
     write_tiny(tmp_path, "qwen2")
     write_tiny_tokenizer(tmp_path, "qwen2")
     for fast in (torch.float32, torch.bfloat16):
-        monkeypatch.setattr(route.mfu, "compute_dtype", lambda name, device, fast=fast: fast)
+        monkeypatch.setattr(route.hardware, "compute_dtype", lambda name, device, fast=fast: fast)
         lm, _ = load_for_inference(tmp_path, "auto", "cpu")
         assert {p.dtype for p in lm.parameters()} == {fast}
     lm, _ = load_for_inference(tmp_path, "fp32", "cpu")

@@ -12,7 +12,7 @@ import torch
 
 from route.tokenizer import Tokenizer
 from route.batching import tokenize_example
-from route.checkpoint import init_distributed
+from route.hardware import init_distributed
 from route.trainer import TrainConfig, prepare_model, train
 
 WORDS = "singer concert stadium name age country year capacity song title average count".split()

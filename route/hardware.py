@@ -1,5 +1,7 @@
-"""The hardware under the training loop (ROUTE section 3.1, MSFT): which device, which compute dtype, and the
-model FLOPs utilization, MFU = model FLOPs per token (flops_per_token) x tokens/s / peak FLOP/s (peak_flops).
+"""The hardware under the training loop (ROUTE section 3.1, MSFT): which device and compute dtype; the processes
+(under torchrun: DDP, gloo on CPU and NCCL on GPU, or FSDP2 for full fine-tuning of models whose weights and
+optimizer state do not fit one device); and the model FLOPs utilization, MFU = model FLOPs per token
+(flops_per_token) x tokens/s / (peak FLOP/s (peak_flops) x processes).
 """
 import math
 import os
@@ -7,8 +9,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .model import Transformer
 from .weights import DTYPES
 
 # Dense bf16 / fp32 peak FLOP/s (no sparsity) of common accelerators, by a substring of the device name.
@@ -40,6 +44,45 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     except OSError:  # not Linux
         flags = ""
     return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & set(flags.split()) else torch.float32
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; starts the process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size(), local) if dist.is_initialized() else (0, 1, 0)
+
+
+def sharded(tc, world: int) -> bool:
+    """FSDP (explicitly, or by default for full fine-tuning) with more than one process."""
+    return world > 1 and (tc.fsdp if tc.fsdp is not None else tc.full)
+
+
+def distribute(raw_model: Transformer, tc, world: int, device, dtype):
+    """Wrap for several processes: DDP, or FSDP2 (each block sharded, gathered block by block for compute)."""
+    if world == 1:
+        return raw_model
+    if sharded(tc, world):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in raw_model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(raw_model, mp_policy=mp)  # must happen before the optimizer: it swaps in sharded parameters
+        return raw_model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sum_over_ranks(*values: float, device) -> list[float]:
+    """Each value summed over the processes, in one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
@@ -75,8 +118,8 @@ def flops_per_token(raw_model, full: bool) -> float:
 class Progress:
     """`with progress:` a progress bar over the steps, timed from there; measure() gives a step's throughput."""
 
-    def __init__(self, raw_model, tc, plan, start: int, rank: int, device, dtype):
-        self.fpt, self.lengths = flops_per_token(raw_model, tc.full), plan.lengths
+    def __init__(self, raw_model, tc, plan, start: int, rank: int, world: int, device, dtype):
+        self.fpt, self.lengths, self.world = flops_per_token(raw_model, tc.full), plan.lengths, world
         self.peak, self.source = (tc.peak_tflops * 1e12, "given") if tc.peak_tflops else peak_flops(device, dtype)
         self.bar_args = dict(total=len(plan.steps), initial=start, desc="train", unit="step",
                              disable=not (tc.progress and rank == 0))
@@ -89,13 +132,14 @@ class Progress:
         self.bar.close()
 
     def measure(self, micro: list[list[int]], count: int, t0: float) -> dict:
-        """Tokens/s, padding and MFU of a step that started at time.perf_counter() = t0."""
+        """Tokens/s, padding and MFU of a step that started at time.perf_counter() = t0. `micro` holds every
+        process's micro-batches: the tokens of the whole job, against the peak of all its devices."""
         seconds = time.perf_counter() - t0
         n_tok = sum(self.lengths[i] for b in micro for i in b)
         padded = sum(len(b) * max(self.lengths[i] for i in b) for b in micro)
         return {"tokens": n_tok, "answer_tokens": count, "padding": round(1 - n_tok / padded, 4),
                 "tokens_per_s": n_tok / seconds,
-                "mfu": self.fpt * n_tok / seconds / self.peak if math.isfinite(self.peak) else None,
+                "mfu": self.fpt * n_tok / seconds / (self.peak * self.world) if math.isfinite(self.peak) else None,
                 "elapsed_s": time.perf_counter() - self.t_start}
 
     def show(self, row: dict):

@@ -324,13 +324,11 @@ def test_train_stops_on_unusable_settings(tiny, demo_train, trained, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("adapter", [None, ROOT / "adapters" / "qwen2.5-coder-0.5b-route"])
-def test_infer_default_model_and_the_shipped_adapter(tmp_path, adapter):
+def test_infer_default_model_and_the_shipped_adapter(tmp_path, adapter, default_model):
     """`python infer.py` with no --model: the default model (no adapter unless asked for: it did not beat the
     untuned chain), and with the shipped adapter, answers a demo question right (plain text-to-SQL); the
     answer is checked by running gold SQL."""
-    from route import hub
-
-    hub.resolve_model(None)  # fetched once into ~/.cache/route (not timed by the subprocess)
+    # default_model: fetched once into $ROUTE_HOME first (conftest), so infer.py finds it there
     db = DEMO / "database" / "poker_player" / "poker_player.sqlite"
     question = "What is the average earnings of poker players?"
     gold = "SELECT avg(Earnings) FROM poker_player"  # data/demo/dev.json

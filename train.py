@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from route.datasets import default_root
+from route.datasets import default_root, layout
 
 ROOT = Path(__file__).resolve().parent
 
@@ -71,7 +71,6 @@ def load_records(path: Path, tasks) -> list[dict]:
 def main(argv=None):
     args = parse_args(argv)
     from route import hub, msft, prompts
-    from route.datasets import layout
     from route.tokenizer import Tokenizer
     from route.batching import tokenize_examples
     from route.trainer import TrainConfig, prepare_model, train

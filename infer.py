@@ -1,7 +1,7 @@
 """Text-to-SQL from the command line: plain text-to-SQL or ROUTE's MCP chain.
 
     python infer.py --mcp                                     # the default model on the demo data in data/demo
-    python infer.py --mcp --data ../shared/data/spider --split dev_sample.json --out preds.jsonl
+    python infer.py --mcp --data data/spider --split dev.json --out preds.jsonl     # Spider dev (README, "Data")
     python infer.py --mcp --db my.sqlite --question "How many singers do we have?"
     python infer.py --mcp --db my.sqlite                      # an interactive session (route/session.py)
 

@@ -8,9 +8,11 @@ setup(
     packages=find_packages(include=["route", "route.*"]),
     py_modules=["train", "infer"],
     python_requires=">=3.10",
-    # torch's range is wide on purpose: users bring their own (CUDA) build.
+    # torch's range is wide on purpose: users bring their own (CUDA) build. The floor is the first release with
+    # everything route/ calls: torch.get_autocast_dtype (2.4), SDPA's enable_gqa (2.5), and FSDP2's public
+    # torch.distributed.fsdp.fully_shard (2.6; only multi-process --full / --fsdp training, but the tests run it).
     install_requires=[
-        "torch>=2.2",
+        "torch>=2.6",
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "sqlglot>=25",

@@ -5,26 +5,30 @@
     python train.py --tasks ts,sl --limit 500 --epochs 1 --out runs/small
     torchrun --nproc_per_node 4 train.py --tasks all --full --data /data/spider
 
+--data defaults to $ROUTE_DATA, else data/spider in this repository (README, "Data").
 Flow: build the MSFT data if missing (route.msft: four tasks as chat messages) -> render and tokenize each
 record with the model's chat format (prompt tokens get no loss) -> route.trainer.train (LoRA or full,
 mixed precision, checkpoints, torchrun) -> out/adapter (PEFT format) or out/model (HF format).
 """
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
 
+from route.datasets import default_root, layout
+
 ROOT = Path(__file__).resolve().parent
-SPIDER = ROOT.parent / "shared" / "data" / "spider"
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="all", help="all, or a comma list of ts,sl,nc,cw")
     ap.add_argument("--model", default=None, help="HF-format directory or .gguf (default: Qwen2.5-Coder-0.5B)")
-    ap.add_argument("--data", default=str(SPIDER), help="Spider or BIRD root with its training split")
+    ap.add_argument("--data", default=str(default_root()),
+                    help="Spider or BIRD root with its training split (default: $ROUTE_DATA, else data/spider)")
     ap.add_argument("--msft", default=None,
-                    help="MSFT data directory (default: data/msft/heldout-seed<seed>-limit<limit>...)")
+                    help="MSFT data directory (default: data/msft/val20x10-seed<seed>-limit<limit>-<source hash>)")
     ap.add_argument("--nc-from-model", action="store_true",
                     help="when building the data, add NC candidates that the base model writes (slow: one TS pass)")
     ap.add_argument("--limit", type=int, default=1800, help="training questions used (each gives up to 4 records); "
@@ -67,7 +71,6 @@ def load_records(path: Path, tasks) -> list[dict]:
 def main(argv=None):
     args = parse_args(argv)
     from route import hub, msft, prompts
-    from route.datasets import layout
     from route.tokenizer import Tokenizer
     from route.batching import tokenize_examples
     from route.trainer import TrainConfig, prepare_model, train
@@ -75,15 +78,25 @@ def main(argv=None):
     tasks = msft.TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     if set(tasks) - set(msft.TASKS):
         raise SystemExit(f"error: unknown tasks {sorted(set(tasks) - set(msft.TASKS))}; choose from ts,sl,nc,cw")
+    # What the MSFT data is built from: the dataset and, with --nc-from-model, the model writing NC candidates.
+    # Cached data from another source must never be trained on by mistake: the default folder's name carries a
+    # hash of it, and source.json in a folder train.py built is checked on reuse (a --msft folder too).
+    nc_model = (str(Path(args.model).resolve()) if args.model else hub.DEFAULT.name) if args.nc_from_model else None
+    source = json.dumps({"data": str(Path(args.data).resolve()), "nc_from_model": nc_model})
+    tag = hashlib.sha256(source.encode()).hexdigest()[:8]
     # "val20x10": data built with both validation checks' databases left out (older directories were not)
-    name = f"val20x10-seed{args.seed}-limit{args.limit}" + ("-ncmodel" if args.nc_from_model else "")
-    data_dir = Path(args.msft or ROOT / "data" / "msft" / name)
-    # a bad --data or --model fails now, not after building the data
-    if args.data != str(SPIDER) or not (data_dir / "train.jsonl").exists():
-        layout(Path(args.data))
+    data_dir = Path(args.msft or ROOT / "data" / "msft" / f"val20x10-seed{args.seed}-limit{args.limit}-{tag}")
+    stamp = data_dir / "source.json"  # (a folder `python -m route.msft` built has none: used as given)
+    if stamp.exists() and stamp.read_text() != source:
+        raise ValueError(f"{data_dir} holds MSFT data built from {stamp.read_text()}, not from {source}; "
+                         "pass another --msft, or delete it to rebuild")
+    if not (data_dir / "train.jsonl").exists():
+        layout(Path(args.data))  # a bad --data fails now, not after fetching the model
     model_dir = hub.resolve_model(args.model)
     if not (data_dir / "train.jsonl").exists():
         print(f"building MSFT data from {args.data} into {data_dir}")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(source)
         gen = (lambda exs: msft.model_sql(args.model, exs)) if args.nc_from_model else None
         counts = msft.build(args.data, data_dir, seed=args.seed, limit=args.limit, nc_from_model=gen)
         print("\n".join(f"  {k:46}{v:>7}" for k, v in sorted(counts.items())))

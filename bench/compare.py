@@ -1,6 +1,6 @@
 """Two runs on the same questions, compared the way a choice should be: paired, with an interval.
 
-    python bench/compare.py runs/val_a.jsonl runs/val_b.jsonl --data ../shared/data/spider --split val
+    python bench/compare.py runs/val_a.jsonl runs/val_b.jsonl --data data/spider --split val
 
 For every step both traces ran (bench/steps.py's columns), per question: is A right, is B right. Prints B - A in
 EX points with a 95% interval from a paired bootstrap over questions (10,000 resamples, seeded), the questions

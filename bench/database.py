@@ -1,6 +1,6 @@
 """How fast route.database and route.evaluate answer: the figures the tests used to assert as time limits.
 
-    python bench/database.py [--data ../shared/data/spider]
+    python bench/database.py [--data DIR]     # default: $ROUTE_DATA, else data/spider
 
 Timings depend on the machine and its load, so they live here, printed, not in the tests (which check only
 what happens: a runaway query ends with a timeout error, a huge junk query is refused). Each figure is the
@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from route.database import Database  # noqa: E402
-from route.datasets import load_dataset  # noqa: E402
+from route.datasets import default_root, layout, load_dataset  # noqa: E402
 from route.evaluate import evaluate  # noqa: E402
 
 RUNAWAY = ["WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
@@ -37,9 +37,10 @@ def best(fn, repeat: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "spider"))
+    ap.add_argument("--data", default=str(default_root()))
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    layout(Path(args.data))
     world = Path(args.data) / "database" / "world_1" / "world_1.sqlite"
     rows = []
 
@@ -74,4 +75,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from route.cli import run
+    run(main)  # a missing dataset: one line naming it

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DB = ROOT.parent / "shared" / "data" / "spider" / "database" / "concert_singer" / "concert_singer.sqlite"
+DB = ROOT / "data" / "demo" / "database" / "concert_singer" / "concert_singer.sqlite"  # Spider's, as shipped
 
 ATTACKS = {
     "fts3_tokenizer('simple')": "SELECT fts3_tokenizer('simple')",

@@ -1,7 +1,7 @@
 """The validation protocol's databases: how they were drawn, and their profile beside Spider dev's.
 
-    python bench/split.py --data ../shared/data/spider            # profile of val, val2 and dev_sample
-    python bench/split.py --data ../shared/data/spider --draw     # redo the draw (prints the tuples in datasets.py)
+    python bench/split.py [--data DIR]                        # profile of val, val2 and dev_sample
+    python bench/split.py --draw                              # redo the draw (prints the tuples in datasets.py)
 
 Spider dev asks about databases it never trains on, and its databases are bigger and its queries harder than
 an average handful of small training databases. So the split is whole training databases, drawn at random across
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from route.datasets import VALIDATION_DBS, VALIDATION_DBS_2  # noqa: E402
+from route.datasets import VALIDATION_DBS, VALIDATION_DBS_2, default_root  # noqa: E402
 from route.sql import LEVELS, difficulty, parse  # noqa: E402
 from sqlglot import exp  # noqa: E402
 
@@ -88,7 +88,7 @@ def draw(sums, target, pool, size, lo, hi, seed, tries=4000):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=str(default_root()))
     ap.add_argument("--draw", action="store_true", help="redo the draw and print the database tuples")
     args = ap.parse_args(argv)
     root = Path(args.data)

@@ -1,6 +1,6 @@
 """Score every step of an MCP trace (infer.py --out): what a chain cut after each step would answer.
 
-    python bench/steps.py runs/val_untuned.jsonl [runs/val_adapter.jsonl ...] --data ../shared/data/spider --split val
+    python bench/steps.py runs/val_untuned.jsonl [runs/val_adapter.jsonl ...] [--data DIR] --split val
 
 Greedy steps are deterministic, so a chain cut after TS answers exactly the trace's `ts_sql`, one cut after
 NC its `nc_sql`, and so on; the pre-SQL is plain text-to-SQL on the full schema (the `--steps none` answer,
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from route.database import open_database  # noqa: E402
-from route.datasets import load_dataset  # noqa: E402
+from route.datasets import default_root, load_dataset  # noqa: E402
 from route.evaluate import evaluate  # noqa: E402
 
 FIELDS = [("pre-SQL", "pre_sql"), ("SL+TS", "ts_sql"), ("+vote", "vote_sql"), ("+NC", "nc_sql"),
@@ -35,7 +35,7 @@ def traces_and_split(argv):
     """The command line both trace scripts take: trace files, --data, --split; returns (args, dataset)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("traces", nargs="+")
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=str(default_root()))
     ap.add_argument("--split", required=True)
     args = ap.parse_args(argv)
     return args, load_dataset(args.data, args.split)

@@ -1,6 +1,6 @@
 """Value linking without a model: are the values a gold query compares with shown to the model?
 
-    python bench/values.py --data ../shared/data/spider --split val [--split val2]
+    python bench/values.py --data data/spider --split val [--split val2]
 
 For every question whose gold SQL compares a column with a string literal (=, !=, LIKE, IN), the literal counts
 as shown when a `table.column = 'value'` line of route/values.py carries it (case-insensitively; a LIKE pattern
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlglot import exp  # noqa: E402
 
 from route.database import open_database  # noqa: E402
-from route.datasets import load_dataset  # noqa: E402
+from route.datasets import default_root, load_dataset  # noqa: E402
 from route.sql import parse  # noqa: E402
 from route.values import ValueLinker, build_index, name_words  # noqa: E402
 
@@ -51,7 +51,7 @@ def shown(lit: tuple[str, bool], values: list[str]) -> bool:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=str(default_root()))
     ap.add_argument("--split", action="append", default=None)
     args = ap.parse_args(argv)
     print(f"{'split':8}{'questions':>10}{'with literals':>15}{'literals':>10}{'shown':>8}{'in samples':>12}"

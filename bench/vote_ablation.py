@@ -1,6 +1,6 @@
 """Offline ablation of the vote (step 2 of the chain) from traces written with --samples N.
 
-    python bench/vote_ablation.py runs/val_a.jsonl [runs/val_b.jsonl] --data ../shared/data/spider --split val
+    python bench/vote_ablation.py runs/val_a.jsonl [runs/val_b.jsonl] --data data/spider --split val
 
 For each setting it re-runs the vote on the candidates a trace recorded (re-executing them), so one chain run
 answers: how many samples pay, what repair adds, and, given two traces (say the untuned model's and the

@@ -14,6 +14,7 @@ An example whose database file is missing is skipped and counted; malformed JSON
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,14 +102,20 @@ def read_json(path: Path):
         raise DatasetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
+def default_root() -> Path:
+    """--data when none is given (train.py, route.msft, bench/): $ROUTE_DATA, else data/spider in the repository."""
+    return Path(os.environ.get("ROUTE_DATA") or Path(__file__).resolve().parents[1] / "data" / "spider")
+
+
 def layout(root: Path) -> str:
     """'spider' or 'bird', from the files in root."""
     if (root / "database").is_dir() or (root / "tables.json").is_file():
         return "spider"
     if any(root.glob("*_databases")) or any(root.glob("*_tables.json")):
         return "bird"
-    raise DatasetError(f"{root}: neither a Spider layout (database/, tables.json) nor a BIRD layout "
-                       "(dev_databases/, dev_tables.json)")
+    raise DatasetError(f"{root}: neither a Spider layout (database/, tables.json) nor a BIRD layout (dev_databases/, "
+                       "dev_tables.json); download Spider (https://yale-lily.github.io/spider) or BIRD "
+                       "(https://bird-bench.github.io), unzip it there or name it with --data or ROUTE_DATA")
 
 
 def _files_and_db_dirs(root: Path, kind: str, split: str) -> tuple[list[Path], list[Path]]:

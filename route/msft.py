@@ -11,7 +11,7 @@ For every training question whose gold SQL runs:
 Targets are the gold as written; prompts are prompts.py's templates, stored as chat messages so any chat format
 can render them.
 
-    python -m route.msft --data ../shared/data/spider --out data/msft [--limit 2000] [--seed 0] [--nc-from-model]
+    python -m route.msft [--data DIR] --out data/msft [--limit 2000] [--seed 0] [--nc-from-model]
 """
 import argparse
 import json
@@ -23,7 +23,7 @@ from sqlglot import exp
 
 from . import prompts
 from .database import open_database
-from .datasets import HELD_OUT_DBS, VALIDATION_DBS, load_dataset
+from .datasets import HELD_OUT_DBS, VALIDATION_DBS, default_root, load_dataset
 from .evaluate import results_match
 from .files import atomic_file
 from .sql import clause_prefixes, order_matters, parse, used_schema
@@ -238,7 +238,7 @@ def build(data: str | Path, out: str | Path, split: str = "train", tasks=TASKS, 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Build ROUTE's multitask (MSFT) training data.")
-    ap.add_argument("--data", required=True, help="Spider or BIRD root")
+    ap.add_argument("--data", default=default_root(), help="Spider or BIRD root (default: $ROUTE_DATA or data/spider)")
     ap.add_argument("--split", default="train")
     ap.add_argument("--out", default="data/msft")
     ap.add_argument("--tasks", default="all", help="all, or a comma list of ts,sl,nc,cw")

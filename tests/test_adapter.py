@@ -46,19 +46,18 @@ def test_shipped_adapter_is_complete():
 
 
 @pytest.mark.slow
-def test_shipped_adapter_loaded_merged_and_packed_matches_peft():
+def test_shipped_adapter_loaded_merged_and_packed_matches_peft(default_model):
     """infer.py's path (bf16 base, load_adapter, merge_lora, pack_linears) against transformers + PEFT (fp32)
     on the real default model. The merged LoRA layers are packed too, not left as plain matmuls."""
     import transformers
     from peft import PeftModel
 
-    from route import hub
     from route.lora import LoRALinear, load_adapter, lora_modules, merge_lora
     from route.model import PackedLinear, pack_linears
     from route.tokenizer import Tokenizer
     from route.weights import load_model
 
-    path = hub.resolve_model(None)
+    path = default_model
     tok = Tokenizer.from_dir(path)
     ids = torch.tensor([tok.encode(tok.chat([{"role": "user", "content": QUESTION}]))])
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -7,8 +7,7 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 @pytest.mark.slow
-def test_mcp_chain_on_demo_data():
-    from route import hub
+def test_mcp_chain_on_demo_data(default_model):
     from route.datasets import load_dataset
     from route.evaluate import evaluate
     from route.mcp import run_chain
@@ -16,7 +15,7 @@ def test_mcp_chain_on_demo_data():
     from route.tokenizer import Tokenizer
     from route.weights import load_model
 
-    path = hub.default_model_dir()
+    path = default_model
     model, tok = load_model(path, dtype="bf16"), Tokenizer.from_dir(path)
     pack_linears(model)
     ds = load_dataset(DEMO, "dev")

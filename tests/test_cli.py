@@ -270,6 +270,36 @@ def test_train_drops_long_examples(tiny, demo_train, trained, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["meta"]["examples"] == len(n) - longer
 
 
+def test_train_never_reuses_msft_data_built_from_another_source(tiny, demo_train, trained, tmp_path):
+    """MSFT data cached from one --data (or built without --nc-from-model) is refused for another, naming the
+    folder, not trained on; the default folder is another one per source, so it is built afresh there."""
+    msft, _, _ = trained
+    other = tmp_path / "bird"  # another dataset (the same files, so only the source differs)
+    shutil.copytree(demo_train, other, symlinks=True)
+    common = ("--max-steps", 1, "--save-every", 0, "--eval-every", 0, "--max-len", 100_000)
+    refused = cli_all(("train.py", *train_args(tiny, other, msft, tmp_path / "a", *common)),
+                      ("train.py", *train_args(tiny, demo_train, msft, tmp_path / "b", *common, "--nc-from-model")))
+    for proc in refused:
+        user_error(proc, str(msft), "built from", str(demo_train.resolve()))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    import train as train_py  # the default folder, in-process, with a build that only records where it goes
+    from route import msft as msft_module
+    built = []
+
+    def build(data, out, **kwargs):
+        built.append(Path(out).name)
+        raise InterruptedError
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_py, "ROOT", tmp_path)
+        mp.setattr(msft_module, "build", build)
+        for args in [(demo_train,), (other,), (demo_train, "--nc-from-model")]:
+            with pytest.raises(InterruptedError):
+                train_py.main(["--model", str(tiny), "--data", str(args[0]), *args[1:]])
+    assert len(set(built)) == 3, built
+
+
 def test_train_stops_on_unusable_settings(tiny, demo_train, trained, tmp_path):
     msft, run, _ = trained
     shortest = min(lengths(tiny, msft / "train.jsonl"))
@@ -294,13 +324,11 @@ def test_train_stops_on_unusable_settings(tiny, demo_train, trained, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("adapter", [None, ROOT / "adapters" / "qwen2.5-coder-0.5b-route"])
-def test_infer_default_model_and_the_shipped_adapter(tmp_path, adapter):
+def test_infer_default_model_and_the_shipped_adapter(tmp_path, adapter, default_model):
     """`python infer.py` with no --model: the default model (no adapter unless asked for: it did not beat the
     untuned chain), and with the shipped adapter, answers a demo question right (plain text-to-SQL); the
     answer is checked by running gold SQL."""
-    from route import hub
-
-    hub.resolve_model(None)  # fetched once into ~/.cache/route (not timed by the subprocess)
+    # default_model: fetched once into $ROUTE_HOME first (conftest), so infer.py finds it there
     db = DEMO / "database" / "poker_player" / "poker_player.sqlite"
     question = "What is the average earnings of poker players?"
     gold = "SELECT avg(Earnings) FROM poker_player"  # data/demo/dev.json

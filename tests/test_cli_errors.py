@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SPIDER, spider_db
+from conftest import DEMO, demo_db
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,9 +58,9 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture
-def db(spider, tmp_path):
+def db(tmp_path):
     path = tmp_path / "concert_singer.sqlite"
-    shutil.copy(spider_db("concert_singer"), path)
+    shutil.copy(demo_db("concert_singer"), path)
     return path
 
 
@@ -106,7 +106,7 @@ def test_over_long_question_is_refused(db, tmp_path):
     assert_one_line(done, "22500 characters", "at most 2000")
 
 
-def test_dataset_file_that_is_not_utf8(spider, tmp_path):
+def test_dataset_file_that_is_not_utf8(tmp_path):
     data = tmp_path / "data"
     (data / "database").mkdir(parents=True)
     (data / "dev.json").write_bytes(json.dumps([{"question": "caf\u00e9?", "db_id": "x", "query": "SELECT 1"}])
@@ -130,11 +130,11 @@ def test_failed_default_model_fetch(tmp_path):
     assert not list((tmp_path / "home" / "models").glob(".fetch-*"))
 
 
-def test_train_bad_data_and_model(spider, tiny, tmp_path):
+def test_train_bad_data_and_model(tiny, tmp_path):
     msft = tmp_path / "msft"  # not built: train.py would build it from --data first
     assert_one_line(run(["train.py", "--data", str(tmp_path / "nowhere"), "--msft", str(msft)], tmp_path),
                     tmp_path / "nowhere")
-    assert_one_line(run(["train.py", "--data", str(SPIDER), "--model", str(tmp_path / "nomodel"), "--msft", str(msft)],
+    assert_one_line(run(["train.py", "--data", str(DEMO), "--model", str(tmp_path / "nomodel"), "--msft", str(msft)],
                         tmp_path), tmp_path / "nomodel")
     assert not msft.exists()  # both refused before any data was built
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import route.database as database
-from conftest import spider_db
+from conftest import demo_db
 from route.database import Database, open_database
 
 
@@ -67,8 +67,8 @@ def test_quote_only_where_needed():
         ['"order"', '"select"', '"null"', '"current_date"', '"Home Town"', '"a""b"', '"1st"']
 
 
-def test_spider_prompt_real_keys_and_determinism(spider):
-    path = spider_db("concert_singer")
+def test_spider_prompt_real_keys_and_determinism():
+    path = demo_db("concert_singer")
     prompt = open_database(path).schema_prompt()
     assert prompt.count("CREATE TABLE") == 4
     # only the real primary keys (the official ROUTE code marks every column as one)
@@ -79,8 +79,8 @@ def test_spider_prompt_real_keys_and_determinism(spider):
     assert Database(path).schema_prompt() == prompt
 
 
-def test_pruning_keeps_join_keys(spider):
-    db = open_database(spider_db("concert_singer"))
+def test_pruning_keeps_join_keys():
+    db = open_database(demo_db("concert_singer"))
     pruned = db.schema_prompt(keep={"SINGER": {"name"}, "singer_in_concert": set(), "nope": {"x"}}, sample_rows=2)
     assert pruned == (
         "/* Database schema */\n"
@@ -95,8 +95,8 @@ def test_pruning_keeps_join_keys(spider):
     assert db.schema_prompt(keep={}) == "/* Database schema */\n\n\n/* Sample rows of each table */\n"
 
 
-def test_execute_results_errors_and_caps(spider):
-    db = open_database(spider_db("world_1"))
+def test_execute_results_errors_and_caps(world):
+    db = open_database(world)
     r = db.execute("SELECT Name, Population FROM country WHERE Code = 'NLD'")
     assert r.ok and r.rows == [("Netherlands", 15864000)] and r.columns == ["Name", "Population"]
     assert "no such column" in db.execute("SELECT nope FROM country").error
@@ -113,8 +113,8 @@ def test_execute_results_errors_and_caps(spider):
     "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
     "SELECT count(*) FROM city a, city b, city c",
 ])
-def test_pathological_query_times_out(spider, sql):
-    db = open_database(spider_db("world_1"))
+def test_pathological_query_times_out(world, sql):
+    db = open_database(world)
     r = db.execute(sql, timeout=0.5)  # interrupted with an error (how late: bench/database.py)
     assert r.error.startswith("timeout") and r.rows == []
     assert db.execute("SELECT count(*) FROM city").rows == [(4079,)]  # the connection is still usable
@@ -130,9 +130,9 @@ WRITES = [
 
 
 @pytest.mark.parametrize("guard", ["query check", "connection only"])
-def test_nothing_can_change_the_database(spider, tmp_path, monkeypatch, guard):
+def test_nothing_can_change_the_database(tmp_path, monkeypatch, guard):
     path = tmp_path / "concert_singer.sqlite"
-    shutil.copy(spider_db("concert_singer"), path)
+    shutil.copy(demo_db("concert_singer"), path)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     if guard == "connection only":  # without the text check, the authorizer, mode=ro and query_only still hold
         monkeypatch.setattr(database, "is_query", lambda sql: True)
@@ -155,9 +155,9 @@ def test_bad_utf8_is_decoded_not_an_error(tmp_path):
     assert Database(path).execute("SELECT s FROM t").rows == [("A\ufffdB",)]
 
 
-def test_connection_reuse(spider):
+def test_connection_reuse(world):
     """One Database per file, however the path is spelled (the speed this buys: bench/database.py)."""
-    path = spider_db("world_1")
+    path = world
     db = open_database(path)
     assert open_database(str(path)) is db and open_database(path.parent / ".." / "world_1" / path.name) is db
     assert db.execute("SELECT Name FROM city WHERE ID = 1").rows == [("Kabul",)]

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import demo_db, fetched
 from route import hub
 from test_convert import write_gguf
 
@@ -244,7 +245,6 @@ def test_pip_dies_with_its_parent(home, published, tmp_path):
 # -- the real default model ------------------------------------------------------------------------------------
 
 QUESTION = "How many singers do we have?"
-SPIDER = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "spider"
 TEXTS = [
     "Hello, world!", QUESTION, "SELECT count(*) FROM singer WHERE age > 30 ORDER BY name DESC;",
     "  leading spaces,\ttabs\n\nand blank lines", "numbers 1234567890 and 3.14159", "don't, we'll, I'M, they've",
@@ -254,11 +254,11 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def real():
+def real(request):
     """(verified GGUF, converted directory), fetched once into $ROUTE_HOME (the GGUF is kept there too: the
-    reference loader needs the file)."""
-    gguf = hub.default_gguf()
-    return gguf, hub.default_model_dir()
+    reference loader needs the file); a skip without network (conftest.fetched)."""
+    gguf = fetched(hub.default_gguf)  # first: the model is then converted from this file, not downloaded again
+    return gguf, request.getfixturevalue("default_model")
 
 
 @pytest.mark.slow
@@ -320,9 +320,7 @@ def test_real_model_answers_concert_singer(real):
     from route.tokenizer import Tokenizer
     from route.weights import load_model
 
-    db_path = SPIDER / "database" / "concert_singer" / "concert_singer.sqlite"
-    if not db_path.exists():
-        pytest.skip(f"{db_path} not found")
+    db_path = demo_db("concert_singer")
     _, model_dir = real
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     schema = "\n".join(sql for (sql,) in con.execute("SELECT sql FROM sqlite_master WHERE type = 'table'"))

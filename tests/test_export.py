@@ -88,15 +88,13 @@ def test_errors(tiny, tmp_path):  # as the command line shows them: test_cli_err
 
 
 @pytest.mark.slow
-def test_shipped_adapter_export_matches_route(tmp_path):
+def test_shipped_adapter_export_matches_route(tmp_path, default_model):
     """The real default model + the shipped adapter, exported in fp32: transformers' logits on a prompt are
     route's merged model's, and PEFT loads the adapter onto the converted base with nothing missing."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from route.hub import resolve_model
-
-    base = resolve_model(None)
+    base = default_model
     out = tmp_path / "merged"
     assert main(["--adapter", str(SHIPPED), "--out", str(out), "--dtype", "fp32"])
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"

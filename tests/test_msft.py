@@ -1,11 +1,13 @@
 """The MSFT data builder: every task's target is right, NC labels agree with execution, CW cuts are prefixes."""
 import json
 import random
+import shutil
 import sqlite3
 from collections import Counter
 
 import pytest
 
+from conftest import DEMO, demo_db
 from route import msft, prompts
 from route.database import open_database
 from route.datasets import HELD_OUT_DBS, VALIDATION_DBS, VALIDATION_DBS_2, Example, load_dataset
@@ -109,7 +111,8 @@ def test_deterministic_and_written_atomically(examples, tmp_path):
 
 def test_build_from_spider(spider, tmp_path):
     counts = msft.build(spider, tmp_path, limit=60, seed=0)
-    assert counts["skipped: database missing"] > 0  # soccer_1 / baseball_1 are absent from this copy
+    # counted, not an error: the build machines' copy lacks soccer_1 and baseball_1 (test_datasets checks the count)
+    assert counts["skipped: database missing"] == load_dataset(spider, "train").skipped
     n = sum(1 for _ in open(tmp_path / "train.jsonl"))
     assert n == counts["train records"] and n > 150
     # both validation checks are disjoint from training by database: val's questions make the held-out loss only
@@ -119,7 +122,7 @@ def test_build_from_spider(spider, tmp_path):
     assert counts["held out: questions on validation databases"] == 922 + 461
 
 
-def test_validation_checks_are_whole_training_databases(spider):
+def test_validation_checks_are_whole_training_databases(spider, dev_sample):
     val, val2 = load_dataset(spider, "val"), load_dataset(spider, "val2")
     assert len(val) == 922 and {e.db_id for e in val} == set(VALIDATION_DBS)
     assert len(val2) == 461 and {e.db_id for e in val2} == set(VALIDATION_DBS_2)
@@ -127,7 +130,7 @@ def test_validation_checks_are_whole_training_databases(spider):
     train = load_dataset(spider, "train")
     assert sum(e.db_id in VALIDATION_DBS for e in train) == 922  # every question on those databases
     assert sum(e.db_id in VALIDATION_DBS_2 for e in train) == 461
-    dev = json.load(open(spider / "dev_sample.json"))
+    dev = json.load(open(dev_sample))
     assert not {r["db_id"] for r in dev} & set(HELD_OUT_DBS)
     # the ids are positions in train_spider.json: the gold of each is that file's record
     records = json.load(open(spider / "train_spider.json"))
@@ -150,35 +153,51 @@ def test_model_written_nc_candidates(examples, tmp_path):
     assert "no such column" in by_sql[written[2]]["messages"][1]["content"]
 
 
-def test_build_asks_the_model_once_per_part(spider, tmp_path):
+@pytest.fixture
+def demo_train(tmp_path):
+    """The demo's 12 questions as a Spider training split, concert_singer's 4 under the name of a validation
+    database (aircraft: held out of training), pets_1's and poker_player's 8 to train on."""
+    root = tmp_path / "demo"
+    records = json.loads((DEMO / "dev.json").read_text())
+    for r in records:
+        r["db_id"] = VALIDATION_DBS[0] if r["db_id"] == "concert_singer" else r["db_id"]
+    for name in {r["db_id"] for r in records}:
+        (root / "database" / name).mkdir(parents=True)
+        shutil.copy(demo_db("concert_singer" if name == VALIDATION_DBS[0] else name),
+                    root / "database" / name / f"{name}.sqlite")
+    (root / "train_spider.json").write_text(json.dumps(records))
+    (root / "train_others.json").write_text("[]")
+    return root
+
+
+def test_build_asks_the_model_once_per_part(demo_train, tmp_path):
     asked = []
 
     def written(exs):  # a "model" that writes the gold: every such candidate must be labelled correct
         asked.append(len(exs))
         return [e.gold_sql for e in exs]
 
-    counts = msft.build(spider, tmp_path, limit=50, seed=0, nc_from_model=written)
-    assert asked == [60, 50]  # held-out questions (validation databases), then training questions
+    counts = msft.build(demo_train, tmp_path, limit=5, seed=0, val_questions=3, nc_from_model=written)
+    assert asked == [3, 5]  # held-out questions (validation databases), then training questions
     executed = counts.get("ts", 0) + counts.get("ts (pruned schema)", 0)
     assert counts["  nc candidates from model"] == executed
     nc = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
     nc = [r for r in nc if r["task"] == "nc"]
     assert sum(r["target"] == "correct" for r in nc) >= executed
-    assert msft.build(spider, tmp_path / "ts", limit=5, tasks=("ts",), nc_from_model=written) and len(asked) == 2
+    assert msft.build(demo_train, tmp_path / "ts", limit=5, tasks=("ts",), nc_from_model=written) and len(asked) == 2
 
 
-def _tokenizer(which, tmp_path):
+def _tokenizer(which, tmp_path, request):
     from route.tokenizer import Tokenizer
     if which == "real":
-        from route.hub import resolve_model
-        return Tokenizer.from_dir(resolve_model(None))
+        return Tokenizer.from_dir(request.getfixturevalue("default_model"))  # (conftest: fetched once)
     from tiny import write_tiny_tokenizer
     write_tiny_tokenizer(tmp_path, "qwen2")
     return Tokenizer.from_dir(tmp_path)
 
 
 @pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
-def test_training_prompt_ids_are_what_inference_feeds(examples, tmp_path, which):
+def test_training_prompt_ids_are_what_inference_feeds(examples, tmp_path, which, request):
     """Every prompt the chain hands to generate() (SL, pre-SQL, TS on the pruned schema, NC, CW) becomes,
     inside generate(), exactly the token ids that train.py makes of the MSFT record with the same inputs,
     with and without prefix reuse. (Encoding the prompt as one string gives other ids at the cuts.)"""
@@ -186,7 +205,7 @@ def test_training_prompt_ids_are_what_inference_feeds(examples, tmp_path, which)
     from route.mcp import run_chain
     from route.batching import IGNORE, tokenize_examples
 
-    tok = _tokenizer(which, tmp_path)
+    tok = _tokenizer(which, tmp_path, request)
     ex = examples[2]
     db = open_database(ex.db_path)
     handed = []  # (task, prompt) as run_chain passes them to generate()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SPIDER
+from conftest import demo_db
 from route.datasets import load_dataset
 from route.evaluate import PLACEHOLDER, flatten_sql, main as evaluate_main, write_bird_preds, write_spider_preds
 from route.mcp import Trace
@@ -51,10 +51,10 @@ def bird_read(path, db_root):
 
 
 @pytest.fixture
-def spider_root(tmp_path, spider):
+def spider_root(tmp_path):
     root = tmp_path / "spider"
     (root / "database" / "concert_singer").mkdir(parents=True)
-    shutil.copy(SPIDER / "database/concert_singer/concert_singer.sqlite", root / "database/concert_singer/")
+    shutil.copy(demo_db("concert_singer"), root / "database/concert_singer/")
     (root / "tables.json").write_text("[]")
     (root / "dev.json").write_text(json.dumps([
         {"db_id": "concert_singer", "question": "How many singers?", "query": "SELECT count(*) FROM singer",

@@ -1,8 +1,8 @@
-"""Schema-based SQL repair: hand-written broken queries on real Spider databases, each checked by executing
+"""Schema-based SQL repair: hand-written broken queries on real Spider databases (the demo's), each checked by executing
 the repair against a hand-written correct query; ambiguous or valid queries are left alone."""
 import pytest
 
-from conftest import spider_db
+from conftest import demo_db
 from route.database import open_database
 from route.evaluate import results_match
 from route.repair import repair
@@ -50,8 +50,8 @@ UNTOUCHED = [  # nothing unambiguous to repair: None
 
 
 @pytest.mark.parametrize("db_id,broken,correct", CASES)
-def test_repairs_run_and_agree_with_the_correct_query(spider, db_id, broken, correct):
-    db = open_database(spider_db(db_id))
+def test_repairs_run_and_agree_with_the_correct_query(db_id, broken, correct):
+    db = open_database(demo_db(db_id))
     assert db.execute(broken).error is not None or "ON" not in broken.split("JOIN")[-1]  # broken as written
     fixed = repair(broken, db)
     assert fixed is not None
@@ -61,5 +61,5 @@ def test_repairs_run_and_agree_with_the_correct_query(spider, db_id, broken, cor
 
 
 @pytest.mark.parametrize("db_id,sql", UNTOUCHED)
-def test_ambiguous_or_valid_queries_are_left_alone(spider, db_id, sql):
-    assert repair(sql, open_database(spider_db(db_id))) is None
+def test_ambiguous_or_valid_queries_are_left_alone(db_id, sql):
+    assert repair(sql, open_database(demo_db(db_id))) is None

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import route.database as database
-from conftest import spider_db
+from conftest import demo_db
 from route.database import Database, is_query
 from route.evaluate import compare
 
@@ -98,11 +98,11 @@ def _make_fts(path):
 
 
 @pytest.fixture(params=["spider", "fts4", "wal"])
-def db_file(request, spider, tmp_path):
+def db_file(request, tmp_path):
     """A fresh copy of concert_singer: as is, with an FTS4 table added, or in WAL mode."""
     path = tmp_path / "db" / "concert_singer.sqlite"
     path.parent.mkdir()
-    shutil.copy(spider_db("concert_singer"), path)
+    shutil.copy(demo_db("concert_singer"), path)
     _make_fts(path)  # every copy has the table (the attacks name it); "spider" gets it removed again
     conn = sqlite3.connect(path)
     if request.param == "spider":
@@ -178,11 +178,11 @@ def test_attacks(db_file, tmp_path):
     assert not failures, "\n".join(failures)
 
 
-def test_fts3_tokenizer_cannot_crash_the_process(spider, tmp_path):
+def test_fts3_tokenizer_cannot_crash_the_process(tmp_path):
     """The two-argument form overwrote a pointer inside SQLite, and the next full-text query crashed the process:
     run that sequence in a child so a regression fails this test instead of killing the test run."""
     path = tmp_path / "fts.sqlite"
-    shutil.copy(spider_db("concert_singer"), path)
+    shutil.copy(demo_db("concert_singer"), path)
     _make_fts(path)
     code = ("import sys; from route.database import Database; db = Database(sys.argv[1]); "
             "print(db.execute(\"SELECT fts3_tokenizer('simple', x'4141414141414141')\").error); "
@@ -225,8 +225,8 @@ def test_our_functions_agree_with_sqlite(tmp_path):
     ours.close()
 
 
-def test_truncated_or_oversized_never_matches(spider):
-    db = Database(spider_db("concert_singer"))
+def test_truncated_or_oversized_never_matches():
+    db = Database(demo_db("concert_singer"))
     # the issue: an oversized value used to come back as success with no rows, matching any empty gold result
     assert compare("SELECT randomblob(70000000) FROM singer", "SELECT * FROM singer WHERE 0", db) == (
         False, f"result too large: a string or blob over {database.MAX_VALUE} bytes", None)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import SPIDER, spider_db
+from conftest import demo_db
 from route.database import open_database
 from route.sql import (clause_prefixes, count_tables, difficulty, extract_sql, normalize, order_matters, parse,
                        remove_distinct, used_schema)
@@ -34,8 +34,8 @@ GARBAGE = ["", "   ", "hello world", "SELECT", "SELECT FROM WHERE", "((((", "SEL
 
 
 @pytest.mark.parametrize("text", GARBAGE)
-def test_never_raises(text, spider):
-    db = open_database(spider_db("concert_singer"))
+def test_never_raises(text):
+    db = open_database(demo_db("concert_singer"))
     extract_sql(text)
     parse(text)
     normalize(text)
@@ -65,8 +65,8 @@ def test_order_matters_and_remove_distinct():
 
 
 @pytest.fixture
-def concert(spider):
-    return open_database(spider_db("concert_singer"))
+def concert():
+    return open_database(demo_db("concert_singer"))
 
 
 @pytest.mark.parametrize("sql, expected", [
@@ -138,8 +138,8 @@ def test_clause_prefixes():
     assert clause_prefixes("SELECT 1") == ["SELECT"]
 
 
-def test_clause_prefixes_on_all_gold(spider):
-    for ex in json.loads((SPIDER / "dev_sample.json").read_text()):
+def test_clause_prefixes_on_all_gold(dev_sample):
+    for ex in json.loads(dev_sample.read_text()):
         sql = ex["query"].strip().rstrip(";").rstrip()
         cuts = clause_prefixes(sql)
         assert cuts and all(sql.startswith(p) and p != sql for p in cuts)
@@ -260,8 +260,8 @@ def _official_hardness(sql: dict) -> str:
     return "extra"
 
 
-def test_difficulty_agrees_with_official_parse(spider):
-    examples = json.loads((SPIDER / "dev_sample.json").read_text())
+def test_difficulty_agrees_with_official_parse(dev_sample):
+    examples = json.loads(dev_sample.read_text())
     disagree = [(ex["query"], _official_hardness(ex["sql"]), difficulty(ex["query"])) for ex in examples
                 if _official_hardness(ex["sql"]) != difficulty(ex["query"])]
     assert disagree == []

@@ -41,8 +41,6 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="for --samples")
     ap.add_argument("--no-repair", action="store_true",
                     help="no schema-based repair of failing SQL (plain text-to-SQL never repairs)")
-    ap.add_argument("--values", action="store_true",
-                    help="show SL and TS the database's cells that the question mentions (route/values.py)")
     ap.add_argument("--data", default=None, help="dataset root in Spider or BIRD layout (default: data/demo)")
     ap.add_argument("--split", default="dev", help="split name or JSON file within --data")
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
@@ -128,9 +126,9 @@ def main(argv=None):
     chain = partial(run_chain, model, tok, steps=steps, fewshot=fewshot, samples=samples,
                     temperature=args.temperature, seed=args.seed,
                     repair=not args.no_repair and (bool(steps) or args.fast),
-                    batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse, values=args.values)
+                    batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse)
     print(("" if session else f"{len(ds.examples)} questions, ") + f"steps: {','.join(steps) or 'plain text-to-SQL'}, "
-          f"{'few-shot' if fewshot else 'zero-shot'} prompts" + (", value linking" if args.values else ""))
+          f"{'few-shot' if fewshot else 'zero-shot'} prompts")
     if session:  # the schema's KV cache outlives each question
         from route.session import run_session
         return run_session(partial(chain, prefix_cache=PrefixCache()), args.db, show_steps=args.explain)

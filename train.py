@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from route.datasets import default_root, layout
+from route.trainer import TrainConfig as RECIPE  # the defaults below are TrainConfig's: one definition
 
 ROOT = Path(__file__).resolve().parent
 
@@ -33,28 +34,28 @@ def parse_args(argv=None):
                     help="when building the data, add NC candidates that the base model writes (slow: one TS pass)")
     ap.add_argument("--limit", type=int, default=1800, help="training questions used (each gives up to 4 records); "
                     "0: all")
-    ap.add_argument("--out", default="runs/route", help="checkpoints, metrics and the result go here")
+    ap.add_argument("--out", default=RECIPE.out_dir, help="checkpoints, metrics and the result go here")
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--rank", type=int, default=RECIPE.lora_r)
+    ap.add_argument("--alpha", type=float, default=RECIPE.lora_alpha)
     ap.add_argument("--lr", type=float, default=None, help="default: 3e-4 for LoRA, 1e-5 for --full (TrainConfig)")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--max-steps", type=int, default=40,
+    ap.add_argument("--epochs", type=int, default=RECIPE.epochs)
+    ap.add_argument("--max-steps", type=int, default=RECIPE.max_steps,
                     help="stop after this many steps (the cosine schedule ends there); default: the shipped "
                     "adapter's recipe, 24%% of an epoch of the default data (its card: the time); 0: run --epochs")
-    ap.add_argument("--batch-tokens", type=int, default=4096,
+    ap.add_argument("--batch-tokens", type=int, default=RECIPE.batch_tokens,
                     help="padded tokens per micro-batch (memory grows with it: README, Training loop)")
-    ap.add_argument("--grad-accum", type=int, default=2)
-    ap.add_argument("--max-len", type=int, default=1024, help="longer examples are dropped, never cut")
+    ap.add_argument("--grad-accum", type=int, default=RECIPE.grad_accum)
+    ap.add_argument("--max-len", type=int, default=RECIPE.max_len, help="longer examples are dropped, never cut")
     ap.add_argument("--no-pack", dest="pack", action="store_false",
                     help="one record per row, instead of the records of one database packed behind one copy of "
                     "their schema prefix (route/packing.py)")
     ap.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
-    ap.add_argument("--eval-every", type=int, default=40,
+    ap.add_argument("--eval-every", type=int, default=RECIPE.eval_every,
                     help="held-out loss at step 0 and every N steps; 0: only the final one (always run)")
-    ap.add_argument("--save-every", type=int, default=25)
+    ap.add_argument("--save-every", type=int, default=RECIPE.save_every)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=RECIPE.seed)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     return ap.parse_args(argv)
 
@@ -70,6 +71,8 @@ def load_records(path: Path, tasks) -> list[dict]:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume and not (Path(args.out) / "checkpoint.pt").exists():  # before hours of data building
+        raise SystemExit(f"error: --resume: no checkpoint.pt in {args.out} (leave --resume out to start)")
     from route import hub, msft, prompts
     from route.tokenizer import Tokenizer
     from route.batching import tokenize_examples
@@ -124,9 +127,11 @@ def main(argv=None):
     model = prepare_model(tc)
     try:
         train(model, train_set, tc, val_set)
-    except KeyboardInterrupt:  # the trainer saved a checkpoint first
-        print(f"interrupted: continue with the same command plus --resume (checkpoint in {args.out})",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:  # e.args: the trainer's "saved <checkpoint> at step N", if it saved
+        ckpt = Path(args.out) / "checkpoint.pt"
+        print(f"interrupted: {e.args[0]}; continue with the same command plus --resume" if e.args else
+              f"interrupted: nothing saved now; --resume continues from {ckpt}" if ckpt.exists() else
+              "interrupted before the first checkpoint: nothing to resume", file=sys.stderr)
         raise SystemExit(130) from None
     print(f"done: {Path(args.out) / ('model' if args.full else 'adapter')}")
 

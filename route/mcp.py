@@ -52,23 +52,19 @@ class Trace:
     agree: tuple = ()   # (candidates whose result is the answer's, candidates): (2, 4) is an answer to doubt
     error: str | None = None
     rows: list = field(default_factory=list)
-    values: str = ""    # the database cells the question mentions, as SL and TS saw them (values.py)
 
 
 def run_chain(model, tok, examples, steps=STEPS, fewshot: bool = True, samples: int = 0, temperature: float = 0.8,
               seed: int = 0, repair: bool = True, batch_tokens: int = 65536, reuse_prefix: bool = True,
-              progress: bool = True, values: bool = False, prefix_cache: PrefixCache | None = None,
+              progress: bool = True, prefix_cache: PrefixCache | None = None,
               generate_fn=generate) -> tuple[list[Trace], dict[str, float]]:
     """Answer every example; returns the traces and seconds per step. steps=() is plain text-to-SQL (with
     samples=0 and repair=False, the model's greedy answer as written). samples: sampled TS candidates per
-    question (temperature, seed) for the vote. values: show SL and TS the database cells each question mentions
-    (values.py). prefix_cache: keep the schema prompts' KV across calls (a session). generate_fn stands in for
-    generate() in tests."""
+    question (temperature, seed) for the vote. prefix_cache: keep the schema prompts' KV across calls (a
+    session). generate_fn stands in for generate() in tests."""
     check_steps(steps)
     chain = _Chain(model, tok, examples, fewshot, repair, generate_fn, prefix_cache or PrefixCache(),
                    dict(batch_tokens=batch_tokens, reuse_prefix=reuse_prefix, progress=progress))
-    if values:
-        chain.link_values()
     if "sl" in steps:
         chain.link_schema()
     chain.write_sql(samples, temperature, seed)
@@ -96,7 +92,7 @@ class _Chain:
     def __init__(self, model, tok, examples, fewshot, repair, generate_fn, cache, generate_kw):
         self.model, self.tok, self.examples, self.fewshot, self.repair = model, tok, examples, fewshot, repair
         self.generate_fn, self.generate_kw = generate_fn, generate_kw
-        self.cache, self.times, self.value_matches = cache, {}, {}
+        self.cache, self.times = cache, {}
         self.dbs = [open_database(e.db_path) for e in examples]
         self.schemas = {db.path: db.schema_prompt() for db in self.dbs}
         self.traces = [Trace(e.question, e.db_id) for e in examples]
@@ -119,7 +115,7 @@ class _Chain:
         """Example i's prompt for `task` on its full schema."""
         e, schema = self.examples[i], self.schemas[self.dbs[i].path]
         return prompts.build(self.tok, task, schema, e.question, e.evidence, self.fewshot,
-                             values=self.traces[i].values, **kw)
+                             **kw)
 
     def run(self, i, sql):
         """(sql, its execution), repaired from the schema first if it fails and a repair runs."""
@@ -130,21 +126,15 @@ class _Chain:
                 return fixed, res2
         return sql, res
 
-    def link_values(self):
-        """0. The cells each question mentions (values.py), from each database's index (built once, cached)."""
-        from .values import describe, linker
-        t0 = time.perf_counter()
-        for i, (db, e, tr) in enumerate(zip(self.dbs, self.examples, self.traces)):
-            self.value_matches[i] = linker(db).match(e.question)
-            tr.values = describe(self.value_matches[i])
-        self.times["values"] = time.perf_counter() - t0
-
-    def join_vote(self, i, sql, source) -> tuple[bool, str]:
+    def join_vote(self, i, written, source) -> tuple[bool, str]:
         """A fix joins question i's vote: (whether its result wins, the fix as run, repaired if it failed)."""
-        sql, res = self.run(i, sql)
+        sql, res = self.run(i, written)
         c = Candidate(sql, source, res.error, res.rows)
         self.cands[i].append(c)
-        return res.error is None and self.cands[i][vote(self.cands[i])].group == c.group, sql
+        won = res.error is None and self.cands[i][vote(self.cands[i])].group == c.group
+        self.traces[i].candidates.append({"sql": sql, "written": written, "source": source, "error": res.error,
+                                          "group": c.group})
+        return won, sql
 
     def link_schema(self):
         """1. The SL answers, and the pre-SQL (a TS prompt on the full schema), share the full-schema prefix
@@ -159,8 +149,6 @@ class _Chain:
                       for t, cols in prompts.parse_links(tr.sl_answer, db).items()}
             for t, cols in used_schema(tr.pre_sql, db).items():
                 linked.setdefault(t, set()).update(cols)
-            for t, c, _ in self.value_matches.get(i, ()):  # a value shown keeps its column in the pruned schema
-                linked.setdefault(t, set()).add(c)
             tr.linked = linked
             if linked:
                 tr.pruned_schema = db.schema_prompt(keep=linked)
@@ -174,7 +162,7 @@ class _Chain:
         items = []
         for i, (e, tr) in enumerate(zip(self.examples, self.traces)):
             if tr.pruned_schema:
-                prompt = prompts.build(self.tok, "ts", tr.pruned_schema, e.question, e.evidence, values=tr.values)
+                prompt = prompts.build(self.tok, "ts", tr.pruned_schema, e.question, e.evidence)
                 ids = [t for part in self.tok.encode_parts([prompt])[0] for t in part]
                 items.append((i, (ids[:-1], ids[-1:])))
             else:

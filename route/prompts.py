@@ -90,12 +90,9 @@ def describe_execution(result) -> str:
 
 
 def messages(task: str, schema: str, question: str, evidence: str = "", fewshot: bool = False, sql: str = "",
-             execution: str = "", partial: str = "", values: str = "") -> tuple[list[dict], str]:
-    """The chat messages of one task prompt, and the text that opens the assistant's answer. `values`: the
-    database cells the question mentions (values.describe), shown to SL and TS."""
+             execution: str = "", partial: str = "") -> tuple[list[dict], str]:
+    """The chat messages of one task prompt, and the text that opens the assistant's answer."""
     inputs = f"### Question: {question.strip()}" + (f"\n### Hint: {evidence.strip()}" if evidence else "")
-    if values and task in ("sl", "ts"):
-        inputs += f"\n### Values in the database that the question mentions:\n{values}"
     if task == "nc":
         inputs += f"\n### SQL: {sql.strip()}\n### Execution: {execution}"
     user = f"{schema}\n\n{instructions(task, fewshot)}\n\n{inputs}"

@@ -33,6 +33,8 @@ from .weights import load_model
 
 @dataclass
 class TrainConfig:
+    """A run's settings. The defaults are this repository's recipe (train.py's defaults read them here): the
+    shipped adapter's, 40 steps of LoRA on the default model, sized for a CPU."""
     out_dir: str = "runs/route"
     base_model: str | None = None  # HF-format model directory: loaded by prepare_model, named in the adapter
     # what trains
@@ -43,24 +45,24 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ALL_TARGETS
     # optimisation
     lr: float | None = None        # None: 3e-4 for LoRA, 1e-5 for full fine-tuning
-    epochs: int = 3
-    max_steps: int | None = None   # overrides epochs
-    batch_tokens: int = 16384      # padded tokens (rows x longest row) per micro-batch and process
-    grad_accum: int = 1            # micro-batches per process per optimizer step
+    epochs: int = 1
+    max_steps: int | None = 40     # overrides epochs (the cosine ends there); None: run `epochs`
+    batch_tokens: int = 4096       # padded tokens (rows x longest row) per micro-batch and process
+    grad_accum: int = 2            # micro-batches per process per optimizer step
     warmup: float = 0.03           # < 1: a fraction of the steps; >= 1: a number of steps
     min_lr_ratio: float = 0.0      # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     clip: float = 1.0              # max gradient norm; 0 disables clipping
-    max_len: int = 8192            # longer examples are dropped (with a warning), never truncated
+    max_len: int = 1024            # longer examples are dropped (with a warning), never truncated
     seed: int = 0
     # machinery
     dtype: str = "auto"            # auto | bf16 | fp32 (see hardware.compute_dtype)
     device: str = "auto"
     checkpointing: bool = False    # activation checkpointing: recompute each block in backward
     fsdp: bool | None = None       # FSDP2 instead of DDP; None: FSDP for full fine-tuning under torchrun
-    eval_every: int = 0            # steps between held-out losses (0: only at the end)
-    save_every: int = 500          # steps between checkpoints (0: only at the end or on interrupt)
+    eval_every: int = 40           # steps between held-out losses (0: only at the end)
+    save_every: int = 25           # steps between checkpoints (0: only at the end or on interrupt)
     resume: bool = False
     peak_tflops: float | None = None  # the device's peak for MFU; None: a table (GPU) or a measurement (CPU)
     adapter_dtype: str = "bf16"    # dtype of the shipped adapter file (checkpoints keep fp32)

@@ -171,3 +171,16 @@ def test_every_entry_point_ends_in_one_line(tmp_path):
                         tmp_path), "adapter_config.json")
     assert_one_line(run(["-m", "route.msft", "--data", str(tmp_path / "no-spider"), "--out", str(tmp_path / "o")],
                         tmp_path), "no-spider")
+
+
+def test_resume_without_a_checkpoint_is_an_error_naming_the_folder(tmp_path):
+    done = run(["train.py", "--resume", "--out", str(tmp_path / "run")], tmp_path)
+    assert_one_line(done, tmp_path / "run", "--resume")
+
+
+def test_resume_without_a_checkpoint_in_the_library_keeps_the_metrics(tmp_path):
+    from route.checkpoint import start_step
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        start_step(tmp_path, None, None, {}, resume=True, rank=0)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'  # it used to be deleted

@@ -42,7 +42,7 @@ def test_export_loads_in_transformers_with_its_true_dtype(tiny, tmp_path):
 
     base, adapter = tiny
     out = tmp_path / "merged"
-    assert main(["--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"])  # base: the adapter's
+    main(["--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"])  # base: the adapter's
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
             "README.md"} <= {p.name for p in out.iterdir()}
@@ -68,7 +68,7 @@ def test_bf16_export_says_bfloat16(tiny, tmp_path):
 
     base, adapter = tiny
     out = tmp_path / "bf16"
-    assert main(["--adapter", str(adapter), "--out", str(out), "--model", str(base), "--dtype", "bf16"])
+    main(["--adapter", str(adapter), "--out", str(out), "--model", str(base), "--dtype", "bf16"])
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     x = torch.randint(0, VOCAB, (1, 16))
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_shipped_adapter_export_matches_route(tmp_path, default_model):
 
     base = default_model
     out = tmp_path / "merged"
-    assert main(["--adapter", str(SHIPPED), "--out", str(out), "--dtype", "fp32"])
+    main(["--adapter", str(SHIPPED), "--out", str(out), "--dtype", "fp32"])
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     assert "Qwen2.5-Coder-0.5B-Instruct" in (out / "README.md").read_text()
     x = torch.tensor([[151644, 872, 198, 4340, 1657, 67167, 653, 582, 614, 30, 151645, 198, 151644, 77091, 198]])

@@ -59,7 +59,7 @@ def test_batches_are_length_grouped_under_the_budget():
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     assert sum(lengths) / padded > 0.9  # little padding
     assert plan_epoch(lengths, 1024, 0, 0) == batches and plan_epoch(lengths, 1024, 0, 1) != batches
-    tc = TrainConfig(epochs=2, batch_tokens=1024)
+    tc = TrainConfig(epochs=2, max_steps=None, batch_tokens=1024)
     steps, ends = plan_steps(lengths, tc, group=3)
     assert all(len(s) == 3 for s in steps) and ends[-1] == 2.0 and 0 < ends[0] < 1
 
@@ -92,7 +92,7 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path, full):
     examples = make_examples(Tokenizer.from_dir(tiny), 8)
     eval_examples = make_examples(Tokenizer.from_dir(tiny), 4, seed=1)
     tc = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), full=full, lr=1e-2 if not full else 1e-3,
-                     max_steps=12, batch_tokens=2000, warmup=2, dtype="fp32", progress=False, eval_every=6)
+                     max_steps=12, batch_tokens=2000, grad_accum=1, warmup=2, dtype="fp32", progress=False, eval_every=6)
     torch.manual_seed(0)
     history = train(prepare_model(tc), examples, tc, eval_examples)
     assert len(history) == 12 and history[-1]["loss"] < 0.5 * history[0]["loss"]
@@ -116,7 +116,7 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path, full):
 
 
 def test_bf16_training_keeps_fp32_adapters(tiny, tmp_path):
-    tc = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), lr=1e-2, max_steps=3, batch_tokens=2000,
+    tc = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), lr=1e-2, max_steps=3, batch_tokens=2000, grad_accum=1,
                      dtype="bf16", progress=False, checkpointing=True)
     model = prepare_model(tc)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
@@ -227,7 +227,7 @@ def test_guards_against_a_mismatched_setup(tiny, tmp_path):
     from route.lora import merge_lora
 
     examples = make_examples(Tokenizer.from_dir(tiny), 8)
-    lora = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), max_steps=1, batch_tokens=400, dtype="fp32",
+    lora = TrainConfig(out_dir=str(tmp_path), base_model=str(tiny), max_steps=1, batch_tokens=400, grad_accum=1, dtype="fp32",
                        progress=False)
     full = TrainConfig(**{**vars(lora), "full": True})
     with pytest.raises(ValueError, match="full=True"):  # the config says full, the model has adapters
@@ -254,6 +254,6 @@ def test_too_few_micro_batches_for_a_step(tiny, tmp_path):
     steps, _ = plan_steps(lengths, TrainConfig(max_steps=3, batch_tokens=400, grad_accum=2), group=2)
     assert len(steps) == 3 and all(len(s) == 2 for s in steps)
     with pytest.raises(ValueError, match="2 micro-batches, fewer than world_size \\* grad_accum = 3"):
-        plan_steps(lengths, TrainConfig(max_steps=3, batch_tokens=400), group=3)
+        plan_steps(lengths, TrainConfig(max_steps=3, batch_tokens=400, grad_accum=1), group=3)
     with pytest.raises(ValueError, match="fewer than world_size"):
         run(tiny, tmp_path, grad_accum=1000)

@@ -36,7 +36,7 @@ def run(model_dir, out_dir, mode: str = "lora", **overrides) -> list[dict]:
     torch.manual_seed(0)  # the same fresh adapters in every process (DDP also broadcasts rank 0's)
     tc = TrainConfig(out_dir=str(out_dir), base_model=str(model_dir), full=mode == "full", max_steps=4,
                      lr=1e-3 if mode == "full" else 3e-3, batch_tokens=400, warmup=1, dtype="fp32",
-                     progress=False, save_every=0, lora_dropout=0.1)  # dropout: its seeding is tested too
+                     progress=False, save_every=0, lora_dropout=0.1, grad_accum=1, eval_every=0)  # dropout: seeding tested too
     for k, v in overrides.items():
         setattr(tc, k, type(getattr(tc, k))(v) if getattr(tc, k) is not None else v)
     model = prepare_model(tc)

@@ -1,7 +1,7 @@
 """Examples to micro-batches for multitask fine-tuning (ROUTE section 3.1, MSFT): tokenize, plan, collate.
 
 An example is a prompt then an answer, as token ids, with labels IGNORE on the prompt: only the answer gets a
-loss. Each epoch, examples are shuffled, sorted by length within windows and packed into right-padded
+loss. Each epoch, examples are shuffled, sorted by length within windows and cut into right-padded
 micro-batches under a token budget, and the micro-batches are shuffled; a step takes world_size * grad_accum
 of them. The plan is a pure function of the seed, so every rank knows every step's global answer-token count
 and a resumed run starts at exactly the right micro-batch.
@@ -57,7 +57,7 @@ def usable(examples: list[dict], max_len: int, what: str, log) -> list[dict]:
     return kept
 
 
-def pack(order: list[int], lengths: list[int], batch_tokens: int) -> list[list[int]]:
+def cut_batches(order: list[int], lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Cut `order` (sorted by length) into consecutive batches with rows * longest row <= batch_tokens."""
     batches, batch, longest = [], [], 0
     for i in order:
@@ -79,7 +79,7 @@ def plan_epoch(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> 
     batches = []
     for i in range(0, len(order), SORT_WINDOW):
         window = sorted(order[i:i + SORT_WINDOW], key=lambda j: lengths[j])
-        batches += pack(window, lengths, batch_tokens)
+        batches += cut_batches(window, lengths, batch_tokens)
     rng.shuffle(batches)
     return batches
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .batching import IGNORE, Plan, collate, pack
+from .batching import IGNORE, Plan, collate, cut_batches
 from .checkpoint import CHECKPOINT, StopSignal, append_metrics, save_checkpoint, save_result, start_step
 from .hardware import (Progress, compute_dtype, distribute, init_distributed, pick_device, sharded,
                        sum_over_ranks)
@@ -168,7 +168,7 @@ def held_out_loss(model, examples: list[dict], batch_tokens: int, dtype: torch.d
     training mode."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     lengths = [len(e["input_ids"]) for e in examples]
-    batches = pack(sorted(range(len(examples)), key=lambda i: lengths[i]), lengths, batch_tokens)
+    batches = cut_batches(sorted(range(len(examples)), key=lambda i: lengths[i]), lengths, batch_tokens)
     model.eval()
     loss, count = 0.0, 0
     # every rank runs the same number of forwards (FSDP's all-gathers are collective): spares repeat batch 0

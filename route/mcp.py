@@ -98,16 +98,16 @@ class _Chain:
         self.traces = [Trace(e.question, e.db_id) for e in examples]
         self.cands: list[list[Candidate]] = [[] for _ in examples]  # what voted, with results (vote.Candidate)
 
-    def ask(self, task, items, step=None, prefix_cache=None, **kw):
+    def ask(self, task, items, step=None, prefix_cache=None, max_new_tokens=None, **kw):
         """The answers to one task's prompts, items (index, prompt parts), timed as `step` (the task unless
-        given: the pre-SQL and the samples are TS prompts)."""
+        given: the samples are TS prompts)."""
         if not items:
             return []
         t0, step = time.perf_counter(), step or task
         prefix_cache = self.cache if prefix_cache is None else prefix_cache
-        outs = self.generate_fn(self.model, self.tok, [p for _, p in items], max_new_tokens=MAX_NEW_TOKENS[task],
-                                stop=prompts.STOP[task], keep_stop=task == "nc", prefix_cache=prefix_cache,
-                                desc=step, **self.generate_kw, **kw)
+        outs = self.generate_fn(self.model, self.tok, [p for _, p in items],
+                                max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task], stop=prompts.STOP[task],
+                                keep_stop=task == "nc", prefix_cache=prefix_cache, desc=step, **self.generate_kw, **kw)
         self.times[step] = self.times.get(step, 0.0) + time.perf_counter() - t0
         return outs
 
@@ -138,10 +138,13 @@ class _Chain:
 
     def link_schema(self):
         """1. The SL answers, and the pre-SQL (a TS prompt on the full schema), share the full-schema prefix
-        (computed once, cached); what either names makes the pruned schema."""
-        everyone = range(len(self.examples))
-        sl_outs = self.ask("sl", [(i, self.full("sl", i)) for i in everyone])
-        pre_outs = self.ask("ts", [(i, self.full("ts", i)) for i in everyone], step="pre-sql")
+        (computed once, cached); what either names makes the pruned schema. Both go in one batch (their answers
+        end at the same fence): a question's two answers decode side by side, not one after the other."""
+        n = len(self.examples)
+        outs = self.ask("sl", [(i, self.full("sl", i)) for i in range(n)] + [(i, self.full("ts", i)) for i in range(n)],
+                        max_new_tokens=max(MAX_NEW_TOKENS["sl"], MAX_NEW_TOKENS["ts"]))
+        assert prompts.STOP["sl"] == prompts.STOP["ts"]
+        sl_outs, pre_outs = outs[:n], outs[n:]
         for i, (db, tr) in enumerate(zip(self.dbs, self.traces)):
             tr.sl_answer, tr.pre_sql = sl_outs[i], prompts.parse_sql(pre_outs[i])
             # a table named without a column that resolves keeps all its columns

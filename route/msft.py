@@ -197,14 +197,15 @@ def write_jsonl(records, path: Path):
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def model_sql(model: str | None, examples, batch_tokens: int = 65536) -> list[str]:
-    """The SQL a model (a path, or None: the default model) writes for each example, zero-shot TS on the full
-    schema, unrepaired: NC candidates with the mistakes this model actually makes."""
+def model_sql(model, examples, batch_tokens: int = 65536, **chain_kw) -> list[str]:
+    """The SQL a model (a path, None: the default model, or a loaded (model, tokenizer)) writes for each example,
+    zero-shot TS on the full schema, unrepaired: NC candidates with the mistakes this model actually makes."""
     from .generate import load_for_inference
     from .mcp import run_chain
 
-    lm, tok = load_for_inference(model)
-    traces, _ = run_chain(lm, tok, examples, steps=(), fewshot=False, repair=False, batch_tokens=batch_tokens)
+    lm, tok = model if isinstance(model, tuple) else load_for_inference(model)
+    traces, _ = run_chain(lm, tok, examples, steps=(), fewshot=False, repair=False, batch_tokens=batch_tokens,
+                          **chain_kw)
     return [t.sql for t in traces]
 
 

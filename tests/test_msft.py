@@ -248,3 +248,28 @@ def test_training_prompt_ids_are_what_inference_feeds(examples, tmp_path, which,
 def _text(tok, prompt):
     parts = prompt if isinstance(prompt, tuple) else (prompt,)
     return "".join(x if isinstance(x, str) else tok.decode(x, skip_special=False) for x in parts)
+
+
+def test_model_sql_is_the_models_answer_unrepaired(tmp_path):
+    """NC candidates from the model (--nc-from-model) are the mistakes it makes: a misspelled column that the
+    chain's repair would fix (to `name`) comes back as written."""
+    from route.tokenizer import Tokenizer
+    from route.weights import load_model
+    from tiny import write_tiny, write_tiny_tokenizer
+
+    write_tiny(tmp_path / "tiny")
+    write_tiny_tokenizer(tmp_path / "tiny")
+    engine = load_model(tmp_path / "tiny"), Tokenizer.from_dir(tmp_path / "tiny")
+    db = write_music_db(tmp_path / "music.sqlite")
+    asked = []
+
+    def writes_a_typo(lm, tok, prompt_list, **kw):
+        asked.append(kw.get("desc"))
+        return ["SELECT nme FROM singer"] * len(prompt_list)
+
+    exs = [Example("Name every singer.", "music", db)]
+    assert msft.model_sql(engine, exs, generate_fn=writes_a_typo, progress=False) == ["SELECT nme FROM singer"]
+    assert asked == ["ts"]  # zero-shot TS only: no SL, no samples
+    from route.mcp import run_chain
+    repaired, _ = run_chain(*engine, exs, steps=(), repair=True, generate_fn=writes_a_typo, progress=False)
+    assert repaired[0].sql == "SELECT name FROM singer"  # what it would have been with repair on

@@ -257,3 +257,22 @@ def test_too_few_micro_batches_for_a_step(tiny, tmp_path):
         plan_steps(lengths, TrainConfig(max_steps=3, batch_tokens=400, grad_accum=1), group=3)
     with pytest.raises(ValueError, match="fewer than world_size"):
         run(tiny, tmp_path, grad_accum=1000)
+
+
+def test_mfu_counts_the_whole_jobs_tokens_against_every_processs_peak(tiny):
+    """Under torchrun a step's micro-batches are every process's: the same step on 2 processes is half the MFU of
+    1 process doing it all (the tokens are the job's, the peak is per device)."""
+    from types import SimpleNamespace
+
+    from route.hardware import Progress
+
+    model = load_model(tiny)
+    tc = TrainConfig(peak_tflops=1.0, progress=False)
+    plan = SimpleNamespace(lengths=[100, 100, 100, 100], steps=[[[0, 1], [2, 3]]])
+    one, two = (Progress(model, tc, plan, 0, 0, world, "cpu", torch.float32) for world in (1, 2))
+    with one, two:
+        t0 = __import__("time").perf_counter() - 1.0  # a step that took (at least) a second
+        a, b = one.measure(plan.steps[0], 400, t0), two.measure(plan.steps[0], 400, t0)
+    assert a["tokens"] == b["tokens"] == 400
+    # MFU / (tokens/s) = FLOPs per token / (peak x processes): each measure() times its own call
+    assert b["mfu"] / b["tokens_per_s"] == pytest.approx(a["mfu"] / a["tokens_per_s"] / 2, rel=1e-9)

@@ -1,4 +1,4 @@
-"""route.evaluate: execution accuracy with Spider's and BIRD's semantics, and its command line.
+"""route.evaluate: execution accuracy with Spider's and BIRD's semantics, and its command line (score.py).
 
 The databases: the demo's concert_singer and pets_1 (Spider's files), and small ones written here in the shape
 of Spider's world_1, car_1 and orchestra where the cases read them."""
@@ -9,7 +9,8 @@ import pytest
 
 from conftest import DEMO, demo_db, write_db
 from route.datasets import load_dataset
-from route.evaluate import compare, evaluate, execution_match, main, results_match
+from route.evaluate import compare, evaluate, execution_match, results_match
+from score import main
 
 
 @pytest.fixture(scope="module")

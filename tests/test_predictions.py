@@ -1,5 +1,5 @@
 """Official prediction files: infer.py --out writes Spider's and BIRD's formats beside its trace, the official
-evaluators' own reading of those formats lines them up with the gold, and route.evaluate reads all three."""
+evaluators' own reading of those formats lines them up with the gold, and score.py reads all three."""
 import json
 import shutil
 import sys
@@ -9,7 +9,8 @@ import pytest
 
 from conftest import demo_db
 from route.datasets import load_dataset
-from route.evaluate import PLACEHOLDER, flatten_sql, main as evaluate_main, write_bird_preds, write_spider_preds
+from route.evaluate import PLACEHOLDER, flatten_sql, write_bird_preds, write_spider_preds
+from score import main as evaluate_main
 from route.mcp import Trace
 from tiny import write_music_db, write_tiny, write_tiny_tokenizer
 

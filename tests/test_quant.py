@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from route.generate import generate, load_for_inference
-from route.quant import QuantLinear, int4_weight, int8_weight, quantize
+from route.quant import GROUP, QuantLinear, int4_weight, int8_weight, quantize
 from route.weights import load_model
 from tiny import write_tiny_dir
 
@@ -22,7 +22,7 @@ def dequantized(linear: nn.Linear, quant: str) -> torch.Tensor:
     if quant == "int8":
         q, scale = int8_weight(w)
         return q.float() * scale.float()[:, None]
-    q, sz = int4_weight(w, min(128, w.shape[1]))
+    q, sz = int4_weight(w, min(GROUP, w.shape[1]))
     scale, zero = sz.float().transpose(0, 1).unbind(-1)  # (N, K/group) each
     group = w.shape[1] // scale.shape[1]
     return (q.float() - 8) * scale.repeat_interleave(group, 1) + zero.repeat_interleave(group, 1)
@@ -67,9 +67,9 @@ def with_dequantized_weights(model: nn.Module, quant: str) -> nn.Module:
 
 # Bounds against the unquantized model. The tiny model's random weights are large (initializer_range 0.25, so that
 # greedy outputs vary), which amplifies weight error through its two layers far more than a trained model does:
-# int4's 9% weight error becomes ~0.86 cosine here (int8: 0.6% -> 0.9995). Against the same model with the
+# int4 (groups of 32) becomes ~0.91 cosine here (int8: 0.9995). Against the same model with the
 # dequantized weights, both must agree to kernel rounding: that checks the kernels, not the quantization.
-@pytest.mark.parametrize("quant, cos_min, rel_max", [("int8", 0.998, 0.05), ("int4", 0.8, 0.6)])
+@pytest.mark.parametrize("quant, cos_min, rel_max", [("int8", 0.998, 0.05), ("int4", 0.85, 0.5)])
 def test_quantized_model_logits_stay_close(tiny, quant, cos_min, rel_max):
     ref = load_model(tiny, dtype=torch.float32)
     model = copy.deepcopy(ref)
@@ -84,6 +84,25 @@ def test_quantized_model_logits_stay_close(tiny, quant, cos_min, rel_max):
             cos = torch.cosine_similarity(got.flatten(1), w.flatten(1), dim=-1)
             assert cos.min() > cos_bound, (n, cos)
             assert (got - w).norm() / w.norm() < rel_bound, n
+
+
+def test_a_merged_lora_layer_is_quantized_with_its_update(tiny):
+    from route.lora import add_lora, merge_lora
+
+    torch.manual_seed(0)
+    base = load_model(tiny, dtype=torch.float32)
+    model = add_lora(copy.deepcopy(base), r=4)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # a real update (B starts at zero), of the size of the weights
+    merge_lora(model)
+    merged = copy.deepcopy(model)
+    assert quantize(model, "int8") == 2 * 7 + 1 and not any("lora" in n for n, _ in model.named_parameters())
+    tokens = torch.randint(3, 384, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got, without = merged.logits(tokens), model.logits(tokens), base.logits(tokens)
+    assert torch.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    assert (got - want).norm() < 0.2 * (without - want).norm()  # the update is in: far closer to merged than base
 
 
 def test_greedy_generation_runs_with_int8(tiny):

@@ -52,6 +52,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                     help="auto: bf16 where the hardware is fast at it (GPU, AVX512-BF16, AMX), else fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                    help="weight-only quantized linear layers, CPU only (route/quant.py; README: speed, accuracy)")
     ap.add_argument("--out", default=None, help="write per-question traces (JSONL) and, beside them, the "
                     "official prediction file (Spider: .sql; BIRD: .predict_<split>.json)")
     ap.add_argument("--quiet", action="store_true", help="no per-question printout")
@@ -83,7 +85,7 @@ def load_engine(args):
     from route.generate import load_for_inference
 
     adapter = Path(args.adapter) if args.adapter else None
-    model, tok = load_for_inference(args.model, args.dtype, args.device, adapter)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, adapter, args.quant)
     if adapter is not None:
         print(f"adapter: {adapter}")
     return model, tok, adapter is not None

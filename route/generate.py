@@ -26,9 +26,10 @@ from .model import KVCache, Transformer, pack_linears
 
 
 def load_for_inference(model: str | Path | None = None, dtype="auto", device: str | None = None,
-                       adapter: str | Path | None = None):
+                       adapter: str | Path | None = None, quant: str | None = None):
     """(model, tokenizer) ready to generate: the model resolved (None: the default one, fetched on first use),
-    loaded, a LoRA adapter merged in (no separate LoRA matmuls), and its CPU bf16 weights packed (pack_linears).
+    loaded, a LoRA adapter merged in (no separate LoRA matmuls), and its CPU bf16 weights packed (pack_linears),
+    or its linear layers quantized: quant "int8" / "int4" (route/quant.py; None or "none": not).
     dtype "auto": bf16 where the hardware multiplies it fast, else fp32 (a CPU without AVX512-BF16 or AMX
     emulates bf16, about 5x slower than fp32 on an AVX2 core)."""
     from . import hub
@@ -42,6 +43,9 @@ def load_for_inference(model: str | Path | None = None, dtype="auto", device: st
     if adapter is not None:
         from .lora import load_adapter, merge_lora
         merge_lora(load_adapter(lm, adapter))
+    if quant not in (None, "none"):
+        from .quant import quantize
+        quantize(lm, quant)
     pack_linears(lm)
     return lm, Tokenizer.from_dir(path)
 

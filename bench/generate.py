@@ -3,9 +3,9 @@
     python bench/generate.py                      # the default model (random Qwen2.5-0.5B-shaped weights if absent)
     python bench/generate.py --model DIR --dtype bf16 --new 64 --repeat 3
     python bench/generate.py --variants base      # only the unquantized engine in --dtype, against transformers
-    python bench/generate.py --device cuda        # adds batch 64 and our decode without CUDA graphs
+    python bench/generate.py --device cuda        # adds batch 64
 
-Our engine runs in --dtype ("base", auto: route.mfu.compute_dtype, fp32 on a CPU without fast bf16), in bf16, and
+Our engine runs in --dtype ("base", auto: route.hardware.compute_dtype, fp32 on a CPU without fast bf16), in bf16, and
 with weight-only int8 and int4 linear layers (route/quant.py; CPU only); transformers in --dtype. Prints prefill
 tokens/s (one 600-token prompt), decode tokens/s at batch 1 and batch 16 (greedy, EOS ignored so both sides decode
 exactly --new tokens), the ratios to transformers, the bytes a batch-1 decode step reads (every weight once) and the
@@ -153,7 +153,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="the unquantized baseline and transformers' dtype (auto: route.mfu.compute_dtype); "
+                    help="the unquantized baseline and transformers' dtype (auto: route.hardware.compute_dtype); "
                     "bf16 is measured too, and the quantized models run their other layers in this dtype")
     ap.add_argument("--variants", default="base,bf16,int8,int4", help="our engine's variants: base (--dtype), "
                     "bf16, fp32, int8, int4 (weight-only, other layers in --dtype); transformers runs in --dtype")
@@ -166,7 +166,7 @@ def main():
     import transformers
 
     from route import hub
-    from route.mfu import compute_dtype
+    from route.hardware import compute_dtype
     from route.quant import quantize
 
     if args.threads:
@@ -226,15 +226,12 @@ def main():
             continue
         nbytes, packed = bytes_per_token(ours), pack_linears(ours)  # what infer.py does
 
-        def ours_run(ids, new, graphs=True):  # -> when it ended
-            generate(ours, stub, [x.tolist() for x in ids], max_new_tokens=new, max_batch=256, cuda_graphs=graphs,
-                     progress=False)
+        def ours_run(ids, new):  # -> when it ended
+            generate(ours, stub, [x.tolist() for x in ids], max_new_tokens=new, max_batch=256, progress=False)
             sync()
             return time.perf_counter()
 
         rows[f"route {label}"] = measure(ours_run)
-        if dev.type == "cuda" and not quant:
-            rows[f"route {label}, no CUDA graph"] = measure(lambda ids, new: ours_run(ids, new, graphs=False))
         info[f"route {label}"] = (nbytes, f"{n} quantized, {packed} packed", top_ops(
             lambda: ours.head(ours.hidden(one))), top_ops(lambda: ours.head(ours.hidden(some)[:, -1:])))
         del ours

@@ -37,8 +37,12 @@ def traces_and_split(argv):
     ap.add_argument("traces", nargs="+")
     ap.add_argument("--data", default=str(default_root()))
     ap.add_argument("--split", required=True)
+    ap.add_argument("--limit", type=int, default=0, help="the traces cover the split's first N questions")
     args = ap.parse_args(argv)
-    return args, load_dataset(args.data, args.split)
+    ds = load_dataset(args.data, args.split)
+    if args.limit:
+        ds.examples = ds.examples[:args.limit]
+    return args, ds
 
 
 def step_preds(rows: list[dict], key: str) -> list[str] | None:

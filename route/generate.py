@@ -9,7 +9,7 @@ Three ideas keep it fast:
    batch * (longest prefix + longest rest + max_new_tokens) stays within `batch_tokens`.
 3. A static cache per batch with a validity mask. Row b's cache is [its prefix][holes][its rest, right-aligned],
    so every row's next token lands in the same slot and one decode step serves the whole batch. Finished rows
-   are dropped so they stop costing compute. On CUDA the decode step is a CUDA graph (GraphedDecode).
+   are dropped so they stop costing compute.
 
 Reading order: generate() -> _plan_batches -> _run_batch: _prefill (lay the batch out, run the prompts), then
 per step: sample, _finish_rows, drop finished rows, one decode step.
@@ -127,38 +127,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-class GraphedDecode:
-    """CUDA: one decode step recorded as a CUDA graph for a batch's rows and cache, then replayed per token. A small
-    model's decode step is hundreds of small kernels, slower to launch from Python than to run; a graph is one
-    launch. It replays fixed addresses, so each step copies its inputs into fixed buffers, the cache slot is a
-    tensor, and attention runs over the whole cache (unwritten slots masked). Recording costs about two eager
-    steps; a batch is recorded anew when finished rows are dropped from it."""
-
-    def __init__(self, model: Transformer, cache: KVCache, tokens, positions, slot: int):
-        self.tokens, self.positions = tokens[:, None].clone(), positions[:, None].clone()
-        self.slot = torch.tensor([slot], device=tokens.device)
-        mask = cache.valid[:, None, None, :]  # a view: marking a slot valid also updates the graph's mask
-
-        def step():
-            return _last_logits(model, self.tokens, self.positions, mask, cache, slot=self.slot)
-
-        side = torch.cuda.Stream()  # warm up (kernel choice, workspaces) off the capture, as torch advises
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # computes this same step: it rewrites only the slot that the graph will write again
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step()
-
-    def __call__(self, tokens, positions, slot: int) -> torch.Tensor:
-        self.tokens.copy_(tokens[:, None])
-        self.positions.copy_(positions[:, None])
-        self.slot.fill_(slot)
-        self.graph.replay()
-        return self.logits
-
-
 @dataclass
 class _Row:
     index: int                             # position in the caller's list
@@ -185,15 +153,13 @@ def _split(ids: list[list[int]], reuse: bool) -> tuple[tuple[tuple[int, ...], ..
 def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (), keep_stop: bool = False,
              batch_tokens: int = 32768, max_batch: int = 64, prefix_cache: PrefixCache | None = None,
-             reuse_prefix: bool = True, cuda_graphs: bool = False,
+             reuse_prefix: bool = True,
              stats: Stats | None = None, progress: bool = True, desc: str = "generate") -> list[str]:
     """Complete each prompt; returns the completions (special tokens cut, and stop strings unless keep_stop)
     in prompt order. A prompt is a string, or a tuple of strings (or token-id lists) whose token ids are
     concatenated; each part but the last is a cache level, and prompts with the same leading parts share their KV
     cache (reuse_prefix=False runs every prompt in full: slower, and the same outputs in fp32; in bf16 the two
-    orders of computation round differently, which can flip a greedy choice now and then). On CUDA, cuda_graphs
-    replays each batch's decode step as a CUDA graph (GraphedDecode): off by default, as no GPU has yet run the
-    test that graphed and eager decoding agree (tests/test_generate.py, skipped without CUDA)."""
+    orders of computation round differently, which can flip a greedy choice now and then)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
@@ -205,7 +171,7 @@ def generate(model: Transformer, tok, prompts: list, max_new_tokens: int = 256, 
     batches = _plan_batches(rows, max_new_tokens, batch_tokens, max_batch)
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt", leave=False)
     for batch in batches:
-        _run_batch(model, tok, batch, cache, sampling, st, cuda_graphs and device.type == "cuda")
+        _run_batch(model, tok, batch, cache, sampling, st)
         bar.update(len(batch))
         dt = time.perf_counter() - t0
         bar.set_postfix_str(f"{st.prefilled / dt:.0f} prompt + {st.generated / dt:.1f} new tok/s")  # wall time
@@ -231,12 +197,11 @@ def _plan_batches(rows: list[_Row], max_new: int, batch_tokens: int, max_batch: 
     return batches + [batch] if batch else batches
 
 
-def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampling, st: Stats, graphs: bool):
+def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampling, st: Stats):
     """Prefill the batch, then decode a token per step for every live row until all rows are finished."""
     cache, logits, positions, slot = _prefill(model, rows, prefix_cache, s.max_new, st, tok.pad_id)
     live = list(range(len(rows)))  # live[i] = which row of `rows` cache row i holds
     finished = []  # cache rows whose row is done but still in the cache (dropped in bulk: a drop copies it)
-    graph = None   # CUDA: this batch's recorded decode step
     for step in range(s.max_new):
         tokens = sample(logits, s.temperature, s.top_p, s.generator)
         finished += _finish_rows(tok, [rows[i] for i in live], tokens.tolist(), s, step == s.max_new - 1, st)
@@ -244,14 +209,10 @@ def _run_batch(model, tok, rows: list[_Row], prefix_cache: PrefixCache, s: Sampl
             return
         if 4 * len(finished) >= len(live):  # drop finished rows once they are a quarter of the batch
             live, tokens, positions = _compact(cache, live, finished, tokens, positions)
-            finished, graph = [], None  # the graph recorded the old cache: record anew
+            finished = []
         cache.valid[:, slot] = True
-        if graphs:
-            graph = graph or GraphedDecode(model, cache, tokens, positions, slot)
-            logits = graph(tokens, positions, slot)
-        else:
-            logits = _last_logits(model, tokens[:, None], positions[:, None], cache.valid[:, None, None, :slot + 1],
-                                  cache, start=slot)
+        logits = _last_logits(model, tokens[:, None], positions[:, None], cache.valid[:, None, None, :slot + 1],
+                              cache, start=slot)
         positions, slot = positions + 1, slot + 1
 
 

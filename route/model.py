@@ -107,14 +107,8 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
 
-    def update(self, layer: int, k, v, start: int, slot: torch.Tensor | None):
-        """Store T new keys/values; return the keys/values they attend over. Either at slots [start, start+T),
-        attending over [0, start+T), or (a CUDA graph: no Python number may change between replays) at the
-        slot held in the tensor `slot`, attending over every slot."""
-        if slot is not None:
-            self.k[layer].index_copy_(2, slot, k)
-            self.v[layer].index_copy_(2, slot, v)
-            return self.k[layer], self.v[layer]
+    def update(self, layer: int, k, v, start: int):
+        """Store T new keys/values at slots [start, start+T); return those of [0, start+T), attended over."""
         T = k.shape[2]
         self.k[layer][:, :, start:start + T] = k
         self.v[layer][:, :, start:start + T] = v
@@ -143,14 +137,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int, slot):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
         B, T, _ = x.shape  # x: (B, T, C)
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v, start, slot)  # (B, K, S, D)
+            k, v = cache.update(layer, k, v, start)  # (B, K, S, D)
         if mask is None:  # plain causal attention over these T tokens; each kv head serves `rep` query heads
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -214,17 +208,14 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.checkpointing = False  # activation checkpointing, switched on by the trainer
 
-    def hidden(self, tokens, positions=None, mask=None, cache: KVCache | None = None, start: int = 0,
-               slot: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, tokens, positions=None, mask=None, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """tokens (B, T) -> hidden states (B, T, C). positions (B, T): rotary positions; default start..start+T-1.
         mask (B, 1, T, S) bool: which key/value slots each new token may attend to. None: plain causal
             attention over these T tokens, for a sequence that starts at slot 0 (training, a first prefill).
         cache, start: keep the new keys/values at cache slots [start, start+T) and attend over [0, start+T).
-        slot: a (1,) tensor replacing `start` for a CUDA graph's decode step (KVCache.update); the mask then
-            covers every slot of the cache.
         """
         B, T = tokens.shape
-        if mask is None and (start or slot is not None):
+        if mask is None and start:
             raise ValueError("mask=None is causal attention from slot 0; tokens written later need a mask")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
@@ -234,9 +225,9 @@ class Transformer(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, mask, cache, i, start, slot, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, cache, i, start, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start, slot)
+                x = block(x, cos, sin, mask, cache, i, start)
         return x
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

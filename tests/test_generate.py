@@ -178,41 +178,14 @@ def test_mask_holes_and_padding_queries():
     assert m[1, 1].tolist() == [False, False, False, True, True, False]
 
 
-def test_tensor_slot_decode_equals_int_slot(engine):
-    """The CUDA-graph form of a decode step (slot as a tensor, attention over the whole cache with unwritten
-    slots masked) gives the logits of the plain form (slot as a number, attention over the written slots)."""
-    from route.model import KVCache
-
-    model, tok, _ = engine
-    ids = torch.tensor([tok.encode(PROMPTS[4])])
-    T, S = ids.shape[1], ids.shape[1] + 8
-    caches = []
-    for _ in range(2):
-        kv = KVCache(model.config, 1, S, torch.float32, "cpu")
-        kv.valid[:, :T] = True
-        model.hidden(ids, cache=kv)
-        kv.valid[:, T] = True
-        caches.append(kv)
-    nxt, pos = torch.tensor([[7]]), torch.tensor([[T]])
-    with torch.no_grad():
-        a = model.hidden(nxt, pos, caches[0].valid[:, None, None, :T + 1], caches[0], start=T)
-        b = model.hidden(nxt, pos, caches[1].valid[:, None, None, :], caches[1], slot=torch.tensor([T]))
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)  # fp32: the sum runs over 8 more (masked) slots
-    torch.testing.assert_close(caches[1].k[0], caches[0].k[0], rtol=0, atol=0)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_equals_eager(engine):
-    """On CUDA, replaying the recorded decode step gives the eager step's tokens, with rows finishing (and
-    being dropped) at different times and several batches."""
+def test_cuda_decode_equals_cpu(engine):
+    """On CUDA, greedy tokens equal the CPU's, with rows finishing (and being dropped) at different times and
+    several batches (fp32: the device does not change greedy choices on this tiny model)."""
     model, tok, _ = engine
-    gpu = model.to("cuda")
     try:
         for kw in ({}, {"batch_tokens": 60}):
-            eager = generate(gpu, tok, PROMPTS, max_new_tokens=24, cuda_graphs=False, progress=False, **kw)
-            graphed = generate(gpu, tok, PROMPTS, max_new_tokens=24, progress=False, **kw)
-            assert graphed == eager
-        cpu = generate(model.to("cpu"), tok, PROMPTS, max_new_tokens=24, progress=False)
-        assert cpu == eager  # fp32: the device does not change greedy choices on this tiny model
+            cpu = generate(model.to("cpu"), tok, PROMPTS, max_new_tokens=24, progress=False, **kw)
+            assert generate(model.to("cuda"), tok, PROMPTS, max_new_tokens=24, progress=False, **kw) == cpu
     finally:
         model.to("cpu")

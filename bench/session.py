@@ -40,17 +40,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", default=None)
     ap.add_argument("--questions", nargs="*", default=[])
-    ap.add_argument("extra", nargs=argparse.REMAINDER, help="more infer.py options (--fast, --model ...)")
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()  # the rest are infer.py's options (--fast, --model ...): --mcp unless --fast
     db = Path(args.db) if args.db else write_shop(Path(tempfile.mkdtemp()) / "shop.sqlite")
     asked = [(q, None) for q in args.questions] if args.db else SHOP
-    cmd = [sys.executable, str(ROOT / "infer.py"), "--db", str(db), *(args.extra or ["--mcp"])]
+    cmd = [sys.executable, str(ROOT / "infer.py"), "--db", str(db)]
+    cmd += extra if "--fast" in extra else ["--mcp", *extra]
     out = subprocess.run(cmd, input="".join(q + "\n" for q, _ in asked), capture_output=True, text=True,
                          cwd=ROOT).stdout
     answers = out.split("\n> ")[1:]
     for (q, want), text in zip(asked, answers):
         secs = re.search(r"\((\d+\.\d) s\)", text)
-        sql = re.search(r"SQL: (.*)", text)
+        sql = re.search(r"SQL: (.*?)\n(?:error:|[^\n]*\n-+(?:  -+)*\n)", text, re.S)  # up to the table's header
         got = None
         if want is not None and sql:
             try:
@@ -59,7 +59,7 @@ def main():
                 got = "error"
         right = "" if want is None else "right" if isinstance(got, list) and results_match(got, want, False) else "wrong"
         note = " (candidates disagree)" if "candidate queries return" in text else ""
-        print(f"{secs.group(1) if secs else '?':>6} s  {right:5}  {q}{note}\n         {sql.group(1) if sql else '-'}")
+        print(f"{secs.group(1) if secs else '?':>6} s  {right:5}  {q}{note}\n         {' '.join(sql.group(1).split()) if sql else '-'}")
     if len(answers) < len(asked):
         print(out[-2000:])
 

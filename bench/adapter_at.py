@@ -1,6 +1,6 @@
 """The adapter a training run had at its last checkpoint, for a learning curve without one run per point.
 
-    python bench/adapter_at.py runs/curve/checkpoint.pt runs/curve/adapter_step20 [--model DIR] [--r 16 --alpha 32]
+    python bench/adapter_at.py runs/curve/checkpoint.pt runs/curve/adapter_step20 [--model DIR] [--r R --alpha A]
 
 Loads the checkpoint's trainable (LoRA) weights onto the base model and writes them as a PEFT adapter, as
 train.py's end does (route/checkpoint.py: save_result).
@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from route import hub  # noqa: E402
 from route.lora import add_lora, save_adapter  # noqa: E402
+from route.trainer import TrainConfig  # noqa: E402
 from route.weights import load_model  # noqa: E402
 
 
@@ -22,8 +23,8 @@ def main():
     ap.add_argument("checkpoint")
     ap.add_argument("out")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--r", type=int, default=TrainConfig.lora_r)  # the recipe's, as train.py trained it
+    ap.add_argument("--alpha", type=float, default=TrainConfig.lora_alpha)
     args = ap.parse_args()
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     path = hub.resolve_model(args.model)

@@ -57,9 +57,11 @@ def main():
                 got = sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute(sql.group(1)).fetchall()
             except sqlite3.Error:
                 got = "error"
-        right = "" if want is None else "right" if isinstance(got, list) and results_match(got, want, False) else "wrong"
+        ok = isinstance(got, list) and results_match(got, want, False)
+        right = "" if want is None else "right" if ok else "wrong"
         note = " (candidates disagree)" if "candidate queries return" in text else ""
-        print(f"{secs.group(1) if secs else '?':>6} s  {right:5}  {q}{note}\n         {' '.join(sql.group(1).split()) if sql else '-'}")
+        shown = " ".join(sql.group(1).split()) if sql else "-"  # on one line (literals' spacing aside)
+        print(f"{secs.group(1) if secs else '?':>6} s  {right:5}  {q}{note}\n         {shown}")
     if len(answers) < len(asked):
         print(out[-2000:])
 
